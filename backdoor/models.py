@@ -1,0 +1,78 @@
+"""Architectures. Every model is Sequential(Normalize(mean, std), net) and takes images in [0, 1]."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHS: tuple[str, ...] = ("cnn-small", "preactresnet18")
+
+
+class ModelError(ValueError):
+    """An architecture that cannot be built; the message names the field and the reason."""
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def cnn_small(channels: int, num_classes: int) -> nn.Sequential:
+    """Three conv-BN-ReLU layers and global pooling: fast on CPU, any input size from 8×8 up."""
+    def stage(c_in, c_out):
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    return nn.Sequential(*stage(channels, 32), *stage(32, 64), nn.MaxPool2d(2), *stage(64, 128),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        if stride != 1 or in_planes != planes:
+            # A one-layer Sequential keeps BackdoorBench's key name "shortcut.0.weight".
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """BackdoorBench's CIFAR PreAct-ResNet18 (same parameter names, so its weights load as they are)."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 64, 3, padding=1, bias=False)
+        widths, in_planes = (64, 128, 256, 512), 64
+        for i, planes in enumerate(widths, start=1):
+            stride = 1 if i == 1 else 2
+            self.add_module(f"layer{i}", nn.Sequential(PreActBlock(in_planes, planes, stride),
+                                                       PreActBlock(planes, planes, 1)))
+            in_planes = planes
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        return self.linear(self.avgpool(out).flatten(1))
+
+
+def build_model(arch: str, num_classes: int, channels: int, mean, std) -> nn.Sequential:
+    if arch not in ARCHS:
+        raise ModelError(f"arch: unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+    if num_classes < 2:
+        raise ModelError(f"num_classes: must be >= 2, got {num_classes}")
+    if channels < 1 or not len(mean) == len(std) == channels or min(std) <= 0:
+        raise ModelError(f"mean/std: need {channels} values each with std > 0, got {mean} / {std}")
+    net = cnn_small(channels, num_classes) if arch == "cnn-small" else PreActResNet18(channels, num_classes)
+    return nn.Sequential(Normalize(mean, std), net)

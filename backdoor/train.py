@@ -1,0 +1,96 @@
+"""Training a backdoored model: poison once, then SGD with cosine annealing (BackdoorBench's recipe)."""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks import Attack
+from .data import ImageData, to_unit
+from .models import build_model
+
+
+class RecipeError(ValueError):
+    """An invalid training recipe: "training.<field>: <reason>"."""
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    epochs: int = 100
+    lr: float = 0.01
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            self._check(name, type(value) is int and value >= 1, "must be an integer >= 1")
+        for name in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            positive = name == "lr"
+            ok = type(value) in (int, float) and (value > 0 if positive else value >= 0)
+            self._check(name, ok, "must be a number > 0" if positive else "must be a number >= 0")
+        self._check("augment", type(self.augment) is bool, "must be true or false")
+
+    def _check(self, name: str, ok: bool, reason: str) -> None:
+        if not ok:
+            raise RecipeError(f"training.{name}: {reason}, got {getattr(self, name)!r}")
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, flip: bool) -> torch.Tensor:
+    """Random crop with zero padding (4 px, 1 px below 28 px) and, if `flip`, random horizontal flips."""
+    n, _, height, width = x.shape
+    pad = 4 if min(height, width) >= 28 else 1
+    padded = F.pad(x, (pad, pad, pad, pad))
+    top = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device)
+    left = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device)
+    rows = (top + torch.arange(height, device=x.device))[:, :, None]
+    cols = (left + torch.arange(width, device=x.device))[:, None, :]
+    # Advanced indexing around the channel slice puts the channel axis last: N×H×W×C.
+    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        flips = (torch.rand(n, generator=generator) < 0.5).to(x.device)[:, None, None, None]
+        out = torch.where(flips, out.flip(3), out)
+    return out
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_backdoored(data: ImageData, attack: Attack, arch: str, recipe: TrainRecipe, seed: int, *,
+                     device=None, on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
+    """Train `arch` on the poisoned training set; deterministic on CPU for a given seed. Returns eval mode."""
+    device = torch.device(device) if device is not None else _default_device()
+    x, y, _ = attack.poison_train(data.x_train, data.y_train, seed)
+    x, y = x.to(device), y.to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(arch, data.num_classes, data.channels, data.mean, data.std).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
+    batch = min(recipe.batch_size, len(x))
+    steps = len(x) // batch  # drop the last partial batch, as BackdoorBench does
+    flip = data.channels == 3  # digits must not be mirrored
+    model.train()
+    for epoch in range(1, recipe.epochs + 1):
+        order = torch.randperm(len(x), generator=generator).to(device)
+        total = torch.zeros((), device=device)
+        for step in range(steps):
+            index = order[step * batch:(step + 1) * batch]
+            images = augment(x[index], generator, flip) if recipe.augment else x[index]
+            loss = F.cross_entropy(model(to_unit(images)), y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+        scheduler.step()
+        if on_epoch is not None:
+            on_epoch(epoch, float(total) / steps)
+    return model.eval()

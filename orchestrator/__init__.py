@@ -1,0 +1,1 @@
+"""Orchestration: grid specs, the Ray Tune driver, Optuna search, MLflow logging, Parquet results, CLI."""

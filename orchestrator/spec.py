@@ -1,0 +1,364 @@
+"""Grid specs: a YAML file validated into typed objects, expanded into one TrialSpec per trial."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_type_hints
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from backdoor import ARCHS, ATTACKS, CODE_VERSION, TrainRecipe
+from sau_kernel import SAUConfig
+
+DEFAULT_CLEAN_RATIO = 0.05  # the paper's
+SAU_TYPES = {name: kind for name, kind in get_type_hints(SAUConfig).items() if name != "seed"}
+SAU_TYPES["clean_ratio"] = float
+METRICS = ("acc_after", "asr_after", "ra_after", "der")
+
+
+class SpecError(ValueError):
+    """An invalid grid spec: one line, "<file>: <field>: <reason>"."""
+
+
+def _bad(at: str, reason: str) -> PydanticCustomError:
+    """A validation error at `at`, a path below the field being validated (see _describe)."""
+    return PydanticCustomError("spec", "{at}: {reason}", {"at": at, "reason": reason})
+
+
+def _typed(kind: type, value, at: str):
+    """`value` as a `kind`; numbers are converted so that `lr: 1` and `lr: 1.0` give one trial id."""
+    try:
+        return TypeAdapter(kind).validate_python(value)
+    except ValidationError as e:
+        raise _bad(at, f"{e.errors()[0]['msg']} (got {value!r})") from None
+
+
+def _fill(cls: type, values: dict, what: str) -> dict:
+    """`values` as keyword arguments of the dataclass `cls`, checked by constructing it; all fields."""
+    types = get_type_hints(cls)
+    for key in values:
+        if key not in types:
+            raise _bad(key, f"unknown {what} (known: {', '.join(types)})")
+    kwargs = {key: _typed(types[key], value, key) for key, value in values.items()}
+    try:
+        return asdict(cls(**kwargs))
+    except ValueError as e:  # the project's "field: reason" messages (RecipeError says "training.field")
+        head, _, reason = str(e).partition(": ")
+        raise _bad(head.rpartition(".")[2], reason) from None
+
+
+def _sau_value(key: str, value, at: str | None = None):
+    if key not in SAU_TYPES:
+        raise _bad(key, f"unknown SAU field (known: {', '.join(SAU_TYPES)}; seed comes from seeds)")
+    return _typed(SAU_TYPES[key], value, at or key)
+
+
+def _sau_combo(values: dict) -> dict:
+    """One point of the SAU axes -> every SAUConfig field but seed, plus clean_ratio; validated."""
+    values = {key: _sau_value(key, value) for key, value in values.items()}
+    clean_ratio = values.pop("clean_ratio", DEFAULT_CLEAN_RATIO)
+    if not 0 < clean_ratio <= 1:
+        raise _bad("clean_ratio", f"must be in (0, 1], got {clean_ratio}")
+    sau = _fill(SAUConfig, {**values, "seed": 0}, "SAU field")
+    del sau["seed"]  # each trial sets its own
+    return {**sau, "clean_ratio": clean_ratio}
+
+
+def _no_repeats(items: list, at: str = "") -> list:
+    for i, item in enumerate(items):
+        if item in items[:i]:
+            raise _bad(f"{at}[{i}]", f"same as item {items.index(item)}")
+    return items
+
+
+class DatasetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    root: str | None = None
+    download: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        # Only the name here: whether the data is there is found out when it is loaded.
+        if name not in ("digits", "cifar10", "mnist") and not (name.startswith("npz:") and len(name) > 4):
+            raise ValueError(f"unknown dataset {name!r} (expected digits, cifar10, mnist or npz:PATH)")
+        return name
+
+    @model_validator(mode="after")
+    def _root_given(self) -> DatasetSpec:
+        if self.name in ("cifar10", "mnist") and self.root is None:
+            raise _bad("root", f"required for {self.name} (the directory that holds or receives the data)")
+        return self
+
+
+class AttackSpec(BaseModel):
+    """An attack's name and all of its parameters (defaults filled in). YAML: {name: blended, alpha: 0.2}."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    params: dict[str, Any]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _filled(cls, data):
+        # Ranges that depend on the data (patch size, target class) are checked when the attack is built.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        params = data.pop("params") if "params" in data else {k: data.pop(k) for k in list(data) if k != "name"}
+        name = data.get("name")
+        if name not in ATTACKS:
+            raise _bad("name", "required" if name is None else
+                       f"unknown attack {name!r} (known: {', '.join(ATTACKS)})")
+        if not isinstance(params, dict):
+            raise _bad("params", f"expected a mapping (got {params!r})")
+        return {**data, "params": _fill(ATTACKS[name].params_type, params, f"parameter of {name}")}
+
+
+class ParamRange(BaseModel):
+    """A search dimension: low/high (ints for int fields: an integer distribution) or choices."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ParamRange:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log:
+                raise _bad("choices", "give either choices or low/high/log, not both")
+            _no_repeats(self.choices, "choices")
+        elif self.low is None or self.high is None:
+            raise _bad("low" if self.low is None else "high", "required (or give choices)")
+        elif not self.low < self.high:
+            raise _bad("low", f"must be < high, got {self.low} >= {self.high}")
+        elif self.log and self.low <= 0:
+            raise _bad("low", f"must be > 0 with log: true, got {self.low}")
+        return self
+
+
+class Objective(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    metric: Literal[METRICS]
+    mode: Literal["max", "min"]
+
+
+class SearchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    num_samples: int = Field(ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    sampler: Literal["tpe", "random", "nsga2", "gp"] = "tpe"
+    seed: int = 0
+    space: dict[str, ParamRange] = Field(min_length=1)
+    objectives: list[Objective] = Field(min_length=1, max_length=2)
+
+    @field_validator("space")
+    @classmethod
+    def _sau_fields(cls, space: dict[str, ParamRange]) -> dict[str, ParamRange]:
+        typed = {}
+        for field, dim in space.items():
+            # Values take the field's type: an int field's low/high become ints (an integer distribution).
+            if dim.choices is None:
+                update = {key: _sau_value(field, getattr(dim, key), f"{field}.{key}") for key in ("low", "high")}
+            else:
+                update = {"choices": [_sau_value(field, v, f"{field}.choices") for v in dim.choices]}
+            dim = dim.model_copy(update=update)
+            for value in dim.choices or (dim.low, dim.high):
+                _sau_combo({field: value})
+            typed[field] = dim
+        return typed
+
+    @field_validator("objectives")
+    @classmethod
+    def _distinct(cls, objectives: list[Objective]) -> list[Objective]:
+        _no_repeats([o.metric for o in objectives])
+        return objectives
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cpu: float = Field(1, gt=0)
+    gpu: float = Field(0, ge=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _packs(cls, gpu: float) -> float:
+        # Fractions that divide 1, so that that many trials fill a GPU exactly.
+        if (0 < gpu < 1 and abs(1 / gpu - round(1 / gpu)) > 1e-9) or (gpu > 1 and gpu != int(gpu)):
+            raise ValueError(f"must be an integer or 1/n (0.5, 0.25, 0.2, 0.125, ...), got {gpu}")
+        return gpu
+
+
+class GridSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    dataset: DatasetSpec
+    attacks: list[AttackSpec] = Field(min_length=1)
+    archs: list[str] = Field(min_length=1)
+    attack_training: dict[str, Any] = Field({}, validate_default=True)
+    sau: dict[str, Any] = {}
+    seeds: list[Annotated[int, Field(ge=0)]] = Field([0], min_length=1)
+    eval_every: int = Field(10, ge=1)
+    resources: Resources = Resources()
+    storage: str = Field(default_factory=lambda data: f"runs/{data['name']}")
+    tracking_uri: str | None = None
+    search: SearchSpec | None = None
+
+    @field_validator("attacks")
+    @classmethod
+    def _distinct_attacks(cls, attacks: list[AttackSpec]) -> list[AttackSpec]:
+        return _no_repeats(attacks)
+
+    @field_validator("archs")
+    @classmethod
+    def _known_archs(cls, archs: list[str]) -> list[str]:
+        for i, arch in enumerate(archs):
+            if arch not in ARCHS:
+                raise _bad(f"[{i}]", f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+        return _no_repeats(archs)
+
+    @field_validator("attack_training")
+    @classmethod
+    def _recipe(cls, values: dict) -> dict:
+        return _fill(TrainRecipe, values, "training field")
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _listed(cls, seeds):
+        return [seeds] if isinstance(seeds, int) else seeds
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        return _no_repeats(seeds)
+
+    @field_validator("sau")
+    @classmethod
+    def _sau_axes(cls, sau: dict) -> dict:
+        typed = {}
+        for key, value in sau.items():
+            if value == []:
+                raise _bad(key, "empty list")
+            typed[key] = (_no_repeats([_sau_value(key, v) for v in value], key) if isinstance(value, list)
+                          else _sau_value(key, value))
+        for point in _points(typed):  # every combination must make a valid SAUConfig
+            _sau_combo(point)
+        return typed
+
+    @model_validator(mode="after")
+    def _search_without_axes(self) -> GridSpec:
+        if self.search is not None:
+            axes = {f"sau.{k}": v for k, v in self.sau.items() if isinstance(v, list)}
+            axes.update(attacks=self.attacks, archs=self.archs, seeds=self.seeds)
+            for field, values in axes.items():
+                if len(values) > 1:
+                    raise _bad("search", f"cannot be combined with grid axes; {field} has {len(values)} values")
+        return self
+
+
+def _points(sau: dict) -> list[dict]:
+    """The cartesian product of the list-valued (axis) entries, in key order."""
+    axes = [v if isinstance(v, list) else [v] for v in sau.values()]
+    return [dict(zip(sau, point)) for point in itertools.product(*axes)]
+
+
+def _describe(error: ValidationError) -> str:
+    """The first error as "dotted.field[1].path: reason"."""
+    first = error.errors(include_url=False)[0]
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+    reason = {"extra_forbidden": "unknown field", "missing": "required"}.get(first["type"], first["msg"])
+    if first["type"] == "value_error":  # a validator's own ValueError, without pydantic's "Value error, "
+        reason = str(first["ctx"]["error"])
+    elif first["type"] == "spec":
+        at, reason = first["ctx"]["at"], first["ctx"]["reason"]
+        path += at if at.startswith("[") else f".{at}"
+    return f"{path.lstrip('.')}: {reason}"
+
+
+def load_grid(path) -> GridSpec:
+    """Read and validate a grid YAML file; any problem is a one-line SpecError. Writes nothing."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise SpecError(f"{path}: {(e.strerror or 'cannot read').lower()}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"{path}: {where}invalid YAML ({' '.join(problem.split())})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping of grid fields, got {type(data).__name__}")
+    try:
+        return GridSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"{path}: {_describe(e)}") from None
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    grid: str
+    dataset: DatasetSpec
+    attack: AttackSpec
+    arch: str
+    training: dict  # every TrainRecipe field
+    seed: int
+    clean_ratio: float
+    sau: dict  # every SAUConfig field but seed
+    eval_every: int
+
+    @property
+    def trial_id(self) -> str:
+        """Hash of what determines the result: not the grid name, nor where the data lives (root)."""
+        return _digest({"dataset": self.dataset.name, "attack": self.attack.model_dump(), "arch": self.arch,
+                        "training": self.training, "seed": self.seed, "clean_ratio": self.clean_ratio,
+                        "sau": asdict(self.sau_config()), "eval_every": self.eval_every})
+
+    @property
+    def model_key(self) -> str:
+        """Hash of what determines the backdoored model, shared by every SAU trial on it."""
+        return _digest({"dataset": self.dataset.name, "attack": self.attack.model_dump(), "arch": self.arch,
+                        "training": self.training, "seed": self.seed, "code_version": CODE_VERSION})
+
+    def sau_config(self) -> SAUConfig:
+        return SAUConfig(**self.sau, seed=self.seed)
+
+    def with_sau(self, **changes) -> TrialSpec:
+        """This trial with some SAU fields (or clean_ratio) changed, e.g. to values a searcher sampled."""
+        try:
+            sau = _sau_combo({**self.sau, "clean_ratio": self.clean_ratio, **changes})
+        except PydanticCustomError as e:
+            raise SpecError(f"sau.{e.context['at']}: {e.context['reason']}") from None
+        return replace(self, clean_ratio=sau.pop("clean_ratio"), sau=sau)
+
+    def flat(self) -> dict[str, str | int | float | bool]:
+        """Scalar columns for a result row or MLflow params."""
+        return {"dataset": self.dataset.name, "attack": self.attack.name,
+                **{f"attack.{k}": v for k, v in self.attack.params.items()}, "arch": self.arch,
+                **{f"train.{k}": v for k, v in self.training.items()}, "seed": self.seed,
+                "clean_ratio": self.clean_ratio, **{f"sau.{k}": v for k, v in self.sau.items()},
+                "eval_every": self.eval_every}
+
+
+def expand(grid: GridSpec) -> list[TrialSpec]:
+    """One TrialSpec per point of attacks × archs × seeds × SAU axes (in YAML key order)."""
+    trials = []
+    for attack, arch, seed in itertools.product(grid.attacks, grid.archs, grid.seeds):
+        for point in _points(grid.sau):
+            sau = _sau_combo(point)
+            trials.append(TrialSpec(grid.name, grid.dataset, attack, arch, grid.attack_training, seed,
+                                    sau.pop("clean_ratio"), sau, grid.eval_every))
+    return trials
