@@ -138,7 +138,7 @@ def _torchvision(name: str, root: str | None, download: bool) -> ImageData:
     try:
         splits = [cls(str(root_path), train=train, download=download) for train in (True, False)]
     except (RuntimeError, OSError) as error:
-        reason = f"download failed ({error})" if download else "not found or corrupt; pass download=True to fetch it"
+        reason = f"download failed ({error})" if download else "not found or incomplete (downloading is off: --download or download: true allows it)"
         raise DataError(f"dataset {name}: {root_path / folder}: {reason}".splitlines()[0]) from None
     xs, ys = [], []
     for split in splits:

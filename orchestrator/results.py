@@ -64,8 +64,9 @@ def format_table(df: pd.DataFrame, fmt: str = "md") -> str:
         return df.to_csv(index=False)
     if fmt != "md":
         raise ResultsError(f"unknown table format {fmt!r} (expected md or csv)")
+    # Blanks do not make a column vary: they are the parameters other attacks lack.
     swept = [c for c in df.columns
-             if (c.startswith(("sau.", "attack.")) or c == "clean_ratio") and df[c].nunique(dropna=False) > 1]
+             if (c.startswith(("sau.", "attack.")) or c == "clean_ratio") and df[c].nunique() > 1]
     df = df.sort_values(["attack", "arch", *swept, "seed"], kind="stable")
     header = ["trial", "attack", "arch", "seed", *swept, "ACC", "ASR", "RA", "DER"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]

@@ -1,0 +1,217 @@
+"""The `sau` command line: run a grid, attack one model, purify one model, report results."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+import backdoor
+from backdoor import (AttackError, DataError, ModelError, RecipeError, RecordError, TrainRecipe, clean_subset, der,
+                      eval_sets, evaluate, load_dataset, load_record, make_attack, save_record, to_unit,
+                      train_backdoored)
+from backdoor.record import ModelRecord
+from sau_kernel import SAUConfig, SAUConfigError, purify
+
+from .results import ResultsError, format_table, read_results
+from .spec import SpecError
+
+USER_ERRORS = (AttackError, DataError, ModelError, RecipeError, RecordError, ResultsError, SAUConfigError,
+               SpecError)
+
+
+class CommandError(ValueError):
+    """A command that cannot go on because of what it was given; one line for the user."""
+
+
+def parse_params(pairs: list[str], option: str = "--param") -> dict[str, object]:
+    """KEY=VALUE pairs; values become int, float or bool where they read as one."""
+    params: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise CommandError(f"{option} {pair!r}: expected KEY=VALUE")
+        params[key] = parse_scalar(text)
+    return params
+
+
+def parse_scalar(text: str) -> object:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def sau_config(params: dict[str, object]) -> SAUConfig:
+    known = {f.name for f in fields(SAUConfig)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise CommandError(f"--param {unknown[0]}: not an SAUConfig field (fields: {', '.join(sorted(known))})")
+    return SAUConfig(**params)
+
+
+def device_of(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def emit(summary: dict[str, object], text_lines: list[str], as_json: bool) -> None:
+    print("\n".join(text_lines))
+    if as_json:
+        print(json.dumps(summary))
+
+
+def ensure_new_dir(path: Path, option: str) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CommandError(f"{option} {path}: already exists and is not empty")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .spec import load_grid
+
+    grid = load_grid(args.grid)  # a bad spec fails before ray, mlflow and optuna load
+
+    from .store import StoreError
+    from .sweep import SweepError, run_sweep
+
+    storage = Path(args.storage or grid.storage).expanduser().resolve()
+    try:
+        run_sweep(grid, storage=storage, resume=args.resume, address=args.address,
+                  tracking_uri=args.tracking_uri)
+    except (StoreError, SweepError) as error:
+        raise CommandError(str(error)) from None
+
+
+def cmd_attack(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    ensure_new_dir(out, "--out")
+    recipe = TrainRecipe(**{k: v for k, v in (("epochs", args.epochs), ("lr", args.lr),
+                                               ("batch_size", args.batch_size)) if v is not None})
+    data = load_dataset(args.dataset, root=args.data_root, download=args.download)
+    attack = make_attack(args.attack, parse_params(args.param), data.shape, data.num_classes)
+    backdoor.build_model(args.arch, data.num_classes, data.channels, data.mean, data.std)  # fail fast on the arch
+    device = device_of(args.device)
+    model = train_backdoored(data, attack, args.arch, recipe, args.seed, device=device,
+                             on_epoch=lambda epoch, loss: print(f"epoch {epoch}: loss {loss:.4f}", file=sys.stderr))
+    metrics = evaluate(model, eval_sets(data, attack), device=device)
+    record = ModelRecord(arch=args.arch, num_classes=data.num_classes, shape=data.shape, mean=data.mean,
+                         std=data.std, dataset=args.dataset, attack=args.attack,
+                         attack_params=asdict(attack.params), seed=args.seed, recipe=asdict(recipe),
+                         metrics=asdict(metrics))
+    save_record(out, model.cpu(), attack, record)
+    emit(asdict(metrics), [f"model record: {out}",
+                           f"ACC {pct(metrics.acc)}  ASR {pct(metrics.asr)}  RA {pct(metrics.ra)}"], args.json)
+
+
+def cmd_purify(args: argparse.Namespace) -> None:
+    cfg = sau_config(parse_params(args.param))
+    if not 0 < args.clean_ratio <= 1:
+        raise CommandError(f"--clean-ratio: must be in (0, 1] (got {args.clean_ratio})")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        ensure_new_dir(out, "--out")
+    model, attack, record = load_record(Path(args.model_dir))
+    data = load_dataset(args.dataset or record.dataset, root=args.data_root, download=args.download)
+    if data.shape != tuple(record.shape) or data.num_classes != record.num_classes:
+        raise CommandError(f"--dataset {data.name}: images {data.shape} with {data.num_classes} classes do not "
+                         f"match the model record ({tuple(record.shape)}, {record.num_classes} classes)")
+    device = device_of(args.device)
+    sets = eval_sets(data, attack)
+    before = evaluate(model.to(device), sets, device=device)
+    index = clean_subset(len(data.x_train), args.clean_ratio, cfg.seed)
+    start = time.perf_counter()
+    result = purify(model, to_unit(data.x_train[index]), data.y_train[index], cfg, device=device,
+                    on_round=lambda p: print(f"round {p.log.round}: loss {p.log.loss:.4f} (clean {p.log.clean:.4f}, "
+                                             f"sar {p.log.sar:.4f})", file=sys.stderr))
+    seconds = time.perf_counter() - start
+    after = evaluate(result.model, sets, device=device)
+    summary = {**{f"{k}_before": v for k, v in asdict(before).items()},
+               **{f"{k}_after": v for k, v in asdict(after).items()},
+               "der": der(before, after), "seconds": seconds}
+    if out is not None:
+        save_record(out, result.model.cpu(), attack,
+                    ModelRecord(**{**asdict(record), "metrics": asdict(after)}))
+    emit(summary, [f"clean images: {len(index)}  rounds: {cfg.rounds}  time: {seconds:.1f} s",
+                   f"ACC {pct(before.acc)} -> {pct(after.acc)}",
+                   f"ASR {pct(before.asr)} -> {pct(after.asr)}",
+                   f"RA  {pct(before.ra)} -> {pct(after.ra)}",
+                   f"DER {summary['der']:.4f}"] + ([f"purified model record: {out}"] if out else []), args.json)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    print(format_table(read_results(Path(args.path)), args.format))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sau", description="Shared Adversarial Unlearning sweeps.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a grid spec (YAML) on Ray Tune")
+    run.add_argument("grid", help="grid spec (YAML)")
+    run.add_argument("--storage", help="results, models and checkpoints directory (default: the grid's `storage`)")
+    run.add_argument("--resume", action="store_true", help="continue a killed or failed sweep in --storage")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the storage directory)")
+    run.set_defaults(func=cmd_run)
+
+    def data_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-root", help="directory of cifar10 / mnist (torchvision layout)")
+        p.add_argument("--download", action="store_true", help="allow torchvision to download the data set")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+        p.add_argument("--json", action="store_true", help="print the figures as one JSON object last")
+
+    attack = commands.add_parser("attack", help="train one backdoored model into a model record")
+    attack.add_argument("--dataset", required=True, help="digits, cifar10, mnist or npz:PATH")
+    attack.add_argument("--attack", required=True, help=f"one of {', '.join(backdoor.ATTACKS)}")
+    attack.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="attack parameter")
+    attack.add_argument("--arch", required=True, help=f"one of {', '.join(backdoor.ARCHS)}")
+    attack.add_argument("--epochs", type=int)
+    attack.add_argument("--lr", type=float)
+    attack.add_argument("--batch-size", type=int)
+    attack.add_argument("--seed", type=int, default=0)
+    attack.add_argument("--out", required=True, help="model record directory to create")
+    data_options(attack)
+    attack.set_defaults(func=cmd_attack)
+
+    pur = commands.add_parser("purify", help="purify one model record with SAU")
+    pur.add_argument("model_dir", help="model record directory")
+    pur.add_argument("--dataset", help="data set (default: the one the model was trained on)")
+    pur.add_argument("--clean-ratio", type=float, default=0.05, help="share of the training split used (default 0.05)")
+    pur.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="SAUConfig field")
+    pur.add_argument("--out", help="write the purified model as a model record here")
+    data_options(pur)
+    pur.set_defaults(func=cmd_purify)
+
+    report = commands.add_parser("report", help="print the results of a sweep as a table")
+    report.add_argument("path", help="storage directory, results directory or Parquet file")
+    report.add_argument("--format", choices=("md", "csv"), default="md")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CommandError, *USER_ERRORS) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The sweep driver: stage 1 trains the backdoored models on Ray, stage 2 runs the SAU trials on Ray Tune,
+as the full grid or as an Optuna search, and the results end up as Parquet rows and in MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+# Ray reads this once, when it is imported: "0" keeps a local instance on 127.0.0.1 instead of the
+# machine's network address. Joining a cluster by address works either way.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+import ray  # noqa: E402
+from optuna.storages import JournalStorage  # noqa: E402
+from optuna.storages.journal import JournalFileBackend  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.search import ConcurrencyLimiter  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+from backdoor import AttackError, load_dataset, make_attack  # noqa: E402
+
+from .results import finished_ids, format_table, pareto_front, read_results  # noqa: E402
+from .spec import GridSpec, SearchSpec, TrialSpec, expand  # noqa: E402
+from .store import ensure_models  # noqa: E402
+from .tracking import SweepTracking, close_sweep, default_uri, open_sweep  # noqa: E402
+from .trial import run_trial  # noqa: E402
+
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+            "nsga2": optuna.samplers.NSGAIISampler, "gp": optuna.samplers.GPSampler}
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start or whose trials failed; one line."""
+
+
+def _trial(spec: TrialSpec, storage: Path, tracking: SweepTracking | None) -> None:
+    run_trial(spec, storage, tracking, report=lambda m: tune.report({"trial": spec.trial_id, **m}))
+
+
+def grid_trial(config: dict, specs: dict[str, TrialSpec], storage: Path, tracking: SweepTracking | None) -> None:
+    """A Tune trial of the grid. A trial Tune retries after a failure (FailureConfig) continues from its
+    own checkpoint, storage/checkpoints/<trial_id>, which run_trial writes; Tune checkpoints are not used."""
+    _trial(specs[config["trial_id"]], storage, tracking)
+
+
+def search_trial(config: dict, base: TrialSpec, storage: Path, tracking: SweepTracking | None) -> None:
+    """A Tune trial of a search: `base` with the SAU values the searcher sampled (retried like grid_trial)."""
+    spec = base.with_sau(**config)
+    if spec.trial_id in finished_ids(storage / "results"):  # a searcher can sample a finished point again
+        row = read_results(storage / "results" / f"{spec.trial_id}.parquet").iloc[0]
+        tune.report({"trial": spec.trial_id, **{k: row[k] for k in ("acc_after", "asr_after", "ra_after", "der")}})
+        return
+    _trial(spec, storage, tracking)
+
+
+class Finished(tune.Callback):
+    """One line per finished trial: Tune's own output is a box per trial start and end, too long for big sweeps."""
+
+    def __init__(self, out: Callable[[str], None], total: int):
+        self.out, self.total, self.done = out, total, 0
+
+    def __getstate__(self) -> dict:
+        # Tune pickles callbacks for Tuner.restore, which sweeps do not use; `out` need not pickle.
+        return {**self.__dict__, "out": None}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        r = trial.last_result
+        self.out(f"[{self.done}/{self.total}] trial {r['trial']}: ACC {r['acc_after']:.1%}  "
+                 f"ASR {r['asr_after']:.1%}  RA {r['ra_after']:.1%}  DER {r['der']:.3f}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _searcher(grid: GridSpec, storage: Path) -> ConcurrencyLimiter:
+    search: SearchSpec = grid.search
+    space = {}
+    for name, dim in search.space.items():
+        if dim.choices is not None:
+            space[name] = optuna.distributions.CategoricalDistribution(dim.choices)
+        elif isinstance(dim.low, int):
+            space[name] = optuna.distributions.IntDistribution(dim.low, dim.high, log=dim.log)
+        else:
+            space[name] = optuna.distributions.FloatDistribution(dim.low, dim.high, log=dim.log)
+    metrics, modes = [o.metric for o in search.objectives], [o.mode for o in search.objectives]
+    if len(metrics) == 1:
+        metrics, modes = metrics[0], modes[0]
+    # The journal keeps the study beyond Tune's experiment, so a resumed search goes on learning from it.
+    journal = JournalStorage(JournalFileBackend(str(storage / "optuna.journal")))
+    searcher = OptunaSearch(space, metric=metrics, mode=modes, sampler=SAMPLERS[search.sampler](seed=search.seed),
+                            study_name=grid.name, storage=journal)
+    return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
+
+
+def _run_trials(grid: GridSpec, storage: Path, tracking: SweepTracking | None, out) -> list[str]:
+    """Train the missing models (stage 1), then run the trials still to do on Ray Tune (stage 2);
+    returns one line per failed trial."""
+    finished = finished_ids(storage / "results")
+    if grid.search is None:
+        todo = {s.trial_id: s for s in expand(grid) if s.trial_id not in finished}
+        total, specs = len(todo), list(todo.values())
+        trainable = tune.with_parameters(grid_trial, specs=todo, storage=storage, tracking=tracking)
+        param_space, searcher = {"trial_id": tune.grid_search(list(todo))}, None
+    else:
+        (base,) = specs = expand(grid)  # a search has no grid axes
+        total = grid.search.num_samples - len(finished)
+        trainable = tune.with_parameters(search_trial, base=base, storage=storage, tracking=tracking)
+        param_space, searcher = {}, _searcher(grid, storage)
+    out(f"{grid.name}: {max(total, 0)} trials to run, {len(finished)} already finished")
+    if total <= 0:
+        return []
+    ensure_models(specs, storage / "models", grid.resources, out)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": grid.resources.cpu, "gpu": grid.resources.gpu}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(num_samples=1 if searcher is None else total, search_alg=searcher,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str(storage / "tune"),
+                                  failure_config=tune.FailureConfig(max_failures=2), verbose=0,
+                                  callbacks=[Finished(out, total)]))
+    failed = []
+    for result in tuner.fit():
+        if result.error is not None:
+            trial = result.config.get("trial_id") or json.dumps(result.config)
+            failed.append(f"trial {trial}: {getattr(result.error, 'cause', None) or result.error!r}")
+    return failed
+
+
+def _check_against_data(grid: GridSpec) -> None:
+    """What the spec alone cannot tell (the data is there; a patch fits the images; the target is a
+    class) fails here, before anything is written."""
+    data = load_dataset(grid.dataset.name, root=grid.dataset.root, download=grid.dataset.download)
+    for i, attack in enumerate(grid.attacks):
+        try:
+            make_attack(attack.name, attack.params, data.shape, data.num_classes)
+        except AttackError as error:
+            raise SweepError(f"attacks[{i}]: {error}") from None
+
+
+def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | None, tracking_uri: str | None,
+              out: Callable[[str], None] = print) -> pd.DataFrame:
+    """Run `grid` with everything it produces under `storage`; returns the grid's result rows.
+
+    A killed or failed sweep continues with `resume`: finished trials are skipped, and unfinished ones
+    continue from their checkpoints. `address` (or RAY_ADDRESS) joins a Ray cluster, else a local instance
+    is started; `tracking_uri` defaults to sqlite in `storage`."""
+    storage = Path(storage).resolve()
+    info_path = storage / "sweep.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else None
+    if info is not None and not resume:
+        raise SweepError(f"{storage} already holds sweep {info['grid']!r}; "
+                         "pass --resume to continue it or choose another --storage")
+    if info is not None and info["grid"] != grid.name:
+        raise SweepError(f"{storage} holds sweep {info['grid']!r}, not {grid.name!r}; choose another --storage")
+
+    _check_against_data(grid)
+
+    started, tracking = not ray.is_initialized(), None
+    if started:
+        address = address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address) if address else ray.init(include_dashboard=False)
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        uri = tracking_uri or grid.tracking_uri or default_uri(storage)
+        sweep_name = info["sweep"] if info else f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        parent = info["parent_run_id"] if info and info["tracking_uri"] == uri else None
+        tracking = open_sweep(uri, grid.name, sweep_name, storage / "mlartifacts", resume_parent=parent)
+        _write_atomic(info_path, json.dumps({
+            "grid": grid.name, "sweep": sweep_name, "tracking_uri": uri,
+            "experiment_id": tracking and tracking.experiment_id,
+            "parent_run_id": tracking and tracking.parent_run_id}, indent=2) + "\n")
+        failed = _run_trials(grid, storage, tracking, out)
+    except BaseException:
+        close_sweep(tracking, [], "FAILED")
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+    df = read_results(storage) if finished_ids(storage / "results") else pd.DataFrame()
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = []
+        if len(df):
+            out(format_table(df))
+            artifacts.append(Path(tmp) / "results.csv")
+            artifacts[-1].write_text(format_table(df, "csv"))
+        if grid.search is not None and len(grid.search.objectives) == 2 and len(df):
+            front = pareto_front(df, [(o.metric, o.mode) for o in grid.search.objectives])
+            out(f"Pareto front ({len(front)} of {len(df)} trials):\n{format_table(front)}")
+            _write_atomic(storage / "pareto.csv", front.to_csv(index=False))
+            artifacts.append(storage / "pareto.csv")
+        close_sweep(tracking, artifacts, "FAILED" if failed else "FINISHED")
+    for line in failed:
+        out(line)
+    if failed:
+        raise SweepError(f"{len(failed)} of the trials failed, first {failed[0]}; "
+                         "fix the cause and pass --resume to rerun them")
+    return df

@@ -1,0 +1,139 @@
+"""MLflow tracking: one experiment per grid, a parent run per sweep, a child run per trial.
+
+Every call goes through an explicit MlflowClient (no global mlflow state). Tracking never stops a
+sweep: when the store is unreachable or errors, one warning line is printed and the work goes on
+untracked, because the Parquet row is the record.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+# mlflow reads this when it is imported; its telemetry thread races the HTTP client on offline machines.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
+
+TRIAL_ID_TAG = "sau.trial_id"
+ERRORS = (MlflowException, OSError)  # OSError covers requests' connection errors
+
+
+def default_uri(storage: Path) -> str:
+    return f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}"
+
+
+def warn(what: str, error: Exception) -> None:
+    reason = str(error).partition("\n")[0]
+    print(f"warning: MLflow {what} failed, continuing without tracking: {type(error).__name__}: {reason}",
+          file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class SweepTracking:
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def open_sweep(uri: str, grid_name: str, sweep_name: str, artifacts: Path,
+               resume_parent: str | None = None) -> SweepTracking | None:
+    """The experiment named after the grid (created if new) and the sweep's parent run: a new one, or
+    `resume_parent` set running again. None (after a warning) if the tracking store fails.
+
+    `artifacts` is the artifact root for stores without an artifact server (anything but http(s))."""
+    client = MlflowClient(uri)
+    try:
+        experiment = client.get_experiment_by_name(grid_name)
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:
+            location = None if uri.startswith(("http://", "https://")) else Path(artifacts).resolve().as_uri()
+            experiment_id = client.create_experiment(grid_name, artifact_location=location)
+        if resume_parent is None:
+            parent = client.create_run(experiment_id, run_name=sweep_name).info.run_id
+        else:
+            parent = resume_parent
+            client.update_run(parent, status="RUNNING")
+            # Child runs the killed sweep left running; a trial that resumes from its checkpoint reopens its own.
+            stale = client.search_runs([experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' "
+                                                        "and attributes.status = 'RUNNING'")
+            for run in stale:
+                client.set_terminated(run.info.run_id, "KILLED")
+    except ERRORS as error:
+        warn(f"tracking at {uri}", error)
+        return None
+    return SweepTracking(uri, experiment_id, parent)
+
+
+def close_sweep(tracking: SweepTracking | None, artifacts: list[Path], status: str) -> None:
+    """Attach `artifacts` to the parent run and end it with `status` (FINISHED, FAILED)."""
+    if tracking is None:
+        return
+    client = MlflowClient(tracking.uri)
+    try:
+        for path in artifacts:
+            client.log_artifact(tracking.parent_run_id, str(path))
+        client.set_terminated(tracking.parent_run_id, status)
+    except ERRORS as error:
+        warn("closing the sweep's parent run", error)
+
+
+class TrialTracker:
+    """The child run of one trial. Round metrics are buffered and sent by flush(), one batch per checkpoint.
+
+    With `run_id` (a trial resumed from its checkpoint) the run is reopened, and rounds it already holds are
+    not logged again, so every round is logged exactly once however often the trial was interrupted."""
+
+    def __init__(self, tracking: SweepTracking | None, trial_id: str, params: dict, run_id: str | None = None):
+        self.run_id = ""
+        self._client = None if tracking is None else MlflowClient(tracking.uri)
+        self._buffer: list[Metric] = []
+        self._logged = 0  # the last round the run holds
+        if tracking is None:
+            return
+        with self._guard("starting the trial's run"):
+            if run_id:
+                self._client.update_run(run_id, status="RUNNING")
+                history = self._client.get_metric_history(run_id, "loss")
+                self._logged = max((m.step for m in history), default=0)
+            else:
+                tags = {MLFLOW_PARENT_RUN_ID: tracking.parent_run_id, TRIAL_ID_TAG: trial_id}
+                run_id = self._client.create_run(tracking.experiment_id, run_name=trial_id, tags=tags).info.run_id
+                self._client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            self.run_id = run_id
+
+    @contextmanager
+    def _guard(self, what: str):
+        """On the first error of the tracking store: warn once and stop tracking."""
+        try:
+            yield
+        except ERRORS as error:
+            warn(what, error)
+            self._client, self.run_id = None, ""
+
+    def log(self, step: int, metrics: dict[str, float], final: bool = False) -> None:
+        """Buffer `metrics` at round `step`; rounds the run already holds are skipped unless `final`."""
+        if final or step > self._logged:
+            now = int(time.time() * 1000)
+            self._buffer += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+
+    def flush(self) -> None:
+        if self._client is not None and self._buffer:
+            with self._guard("logging metrics"):
+                self._client.log_batch(self.run_id, metrics=self._buffer)
+        self._buffer = []
+
+    def finish(self) -> None:
+        """Send what is buffered and end the run FINISHED."""
+        self.flush()
+        if self._client is not None:
+            with self._guard("ending the trial's run"):
+                self._client.set_terminated(self.run_id, "FINISHED")

@@ -1,0 +1,128 @@
+"""The `sau` command as a user runs it: real processes, real files, exit codes and what they print."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from backdoor import load_record
+
+REPO = Path(__file__).resolve().parents[1]
+SAU = [sys.executable, "-m", "orchestrator.cli"]
+
+
+def sau(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([*SAU, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit 2, one line on stderr that names what was wrong, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def digits_record(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("attack") / "badnets"
+    result = sau("attack", "--dataset", "digits", "--attack", "badnets", "--param", "patch_size=2",
+                 "--arch", "cnn-small", "--epochs", "6", "--lr", "0.05", "--batch-size", "64",
+                 "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(figures) == {"acc", "asr", "ra"} and all(0 <= v <= 1 for v in figures.values())
+    assert figures["acc"] > 0.9 and figures["asr"] > 0.9  # the backdoor took
+    return out
+
+
+def test_attack_writes_a_model_record_with_its_figures(digits_record):
+    model, attack, record = load_record(digits_record)
+    assert (record.attack, record.arch, attack.params.patch_size) == ("badnets", "cnn-small", 2)
+    assert set(record.metrics) == {"acc", "asr", "ra"}
+
+
+def test_purify_prints_before_and_after_and_writes_the_purified_record(digits_record, tmp_path):
+    out = tmp_path / "purified"
+    result = sau("purify", str(digits_record), "--clean-ratio", "0.2", "--param", "lr=1e-3",
+                 "--param", "rounds=8", "--param", "batch_size=64", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(figures) == {"acc_before", "asr_before", "ra_before", "acc_after", "asr_after", "ra_after",
+                            "der", "seconds"}
+    assert all(0 <= figures[k] <= 1 for k in figures if k != "seconds") and figures["seconds"] > 0
+    assert figures["asr_after"] < figures["asr_before"]  # SAU removes (some of) the backdoor
+    _, _, record = load_record(out)
+    assert record.metrics == {k: figures[f"{k}_after"] for k in ("acc", "asr", "ra")}
+    assert "ASR" in result.stdout and "DER" in result.stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["attack", "--dataset", "digits", "--attack", "trojan", "--arch", "cnn-small"], ["trojan", "unknown attack"]),
+    (["attack", "--dataset", "digits", "--attack", "badnets", "--param", "patch_size=9", "--arch", "cnn-small"],
+     ["patch_size"]),
+    (["attack", "--dataset", "digits", "--attack", "badnets", "--arch", "resnet999"], ["resnet999"]),
+    (["attack", "--dataset", "cifar10", "--data-root", "/nonexistent/data", "--attack", "badnets",
+      "--arch", "cnn-small"], ["/nonexistent/data"]),
+    (["attack", "--dataset", "npz:/nonexistent/x.npz", "--attack", "badnets", "--arch", "cnn-small"],
+     ["/nonexistent/x.npz"]),
+])
+def test_bad_attack_input_is_one_line_and_writes_nothing(args, fragments, tmp_path):
+    out = tmp_path / "out"
+    assert_user_error(sau(*args, "--out", str(out)), *fragments)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--param", "eps=0"], ["eps", "> 0"]),
+    (["--param", "eps=-0.1"], ["eps"]),
+    (["--clean-ratio", "0"], ["--clean-ratio", "(0, 1]"]),
+    (["--clean-ratio", "1.5"], ["--clean-ratio"]),
+    (["--param", "warp=3"], ["warp", "SAUConfig"]),
+])
+def test_bad_purify_input_is_one_line_and_writes_nothing(digits_record, args, fragments, tmp_path):
+    out = tmp_path / "out"
+    assert_user_error(sau("purify", str(digits_record), *args, "--out", str(out)), *fragments)
+    assert not out.exists()
+
+
+def test_purify_refuses_a_directory_that_is_not_a_model_record(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    out = tmp_path / "out"
+    assert_user_error(sau("purify", str(tmp_path), "--out", str(out)), str(tmp_path))
+    assert not out.exists()
+
+
+def test_run_with_a_bad_grid_field_names_file_and_field(tmp_path):
+    grid = yaml.safe_load((REPO / "experiments" / "quickstart.yaml").read_text())
+    grid["sau"]["eps"] = [0.1, 0]
+    grid["storage"] = str(tmp_path / "runs")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    assert_user_error(sau("run", str(path)), str(path), "sau.eps")
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
+def test_run_with_a_patch_too_big_for_the_images_writes_nothing(tmp_path):
+    grid = yaml.safe_load((REPO / "experiments" / "quickstart.yaml").read_text())
+    grid["attacks"] = [{"name": "badnets", "patch_size": 12}]
+    grid["storage"] = str(tmp_path / "runs")
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    assert_user_error(sau("run", str(path)), "attacks[0]", "patch_size")
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
+def test_report_without_results_is_a_clear_error(tmp_path):
+    assert_user_error(sau("report", str(tmp_path)), str(tmp_path))
+
+
+def test_every_command_has_help():
+    for command in ([], ["run"], ["attack"], ["purify"], ["report"]):
+        result = sau(*command, "--help")
+        assert result.returncode == 0 and "usage: sau" in result.stdout

@@ -1,0 +1,248 @@
+"""The sweep driver end to end: a real local Ray instance, MLflow sqlite store and server, Optuna, Parquet."""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import ray
+import torch
+from mlflow import MlflowClient
+
+from orchestrator.results import finished_ids
+from orchestrator.spec import expand, load_grid
+from orchestrator.sweep import SweepError, run_sweep
+from orchestrator.tracking import TRIAL_ID_TAG
+
+REPO = Path(__file__).resolve().parents[1]
+TWO_BY_TWO = {"attacks": [{"name": "badnets"}, {"name": "blended", "alpha": 0.2}], "sau": {"eps": [0.1, 0.2]}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    """One local Ray instance for the module; run_sweep uses it instead of starting its own."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def sweep(grid_path, storage, **kwargs):
+    lines = []
+    df = run_sweep(load_grid(grid_path), storage=storage, resume=kwargs.pop("resume", False), address=None,
+                   tracking_uri=kwargs.pop("tracking_uri", None), out=lines.append)
+    return df, lines
+
+
+def child_runs(uri: str, storage: Path):
+    client = MlflowClient(uri)
+    info = json.loads((storage / "sweep.json").read_text())
+    runs = client.search_runs([info["experiment_id"]], f"tags.`mlflow.parentRunId` = '{info['parent_run_id']}'")
+    return client, info, runs
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(write_grid, tmp_path_factory):
+    path = write_grid(name="two-by-two", **TWO_BY_TWO)
+    storage = tmp_path_factory.mktemp("grid") / "sweep"
+    df, lines = sweep(path, storage)
+    return path, storage, df, lines
+
+
+def test_grid_sweep_writes_one_row_and_one_finished_run_per_trial(grid_sweep):
+    path, storage, df, lines = grid_sweep
+    specs = {s.trial_id: s for s in expand(load_grid(path))}
+    assert len(specs) == 4
+    assert sorted(df["trial_id"]) == sorted(specs) == sorted(finished_ids(storage / "results"))
+    assert len(list((storage / "models").iterdir())) == 2  # 2 attacks x 1 arch x 1 seed, trained once each
+    assert sum(line.startswith("[") for line in lines) == 4  # one progress line per finished trial
+
+    client, info, runs = child_runs(f"sqlite:///{storage}/mlflow.db", storage)
+    assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(info["parent_run_id"])] == ["results.csv"]
+    assert sorted(r.data.tags[TRIAL_ID_TAG] for r in runs) == sorted(specs)
+    for run in runs:
+        row = df[df["trial_id"] == run.data.tags[TRIAL_ID_TAG]].iloc[0]
+        assert run.info.status == "FINISHED" and run.info.run_id == row["mlflow_run_id"]
+        for key in ("acc_before", "asr_after", "acc_after", "ra_after", "der", "seconds_sau"):
+            assert run.data.metrics[key] == row[key]
+        assert run.data.params == {k: str(v) for k, v in specs[row["trial_id"]].flat().items()}
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == [2, 3]
+        assert row["rounds_done"] == 3 and row["device"] == "cpu" and row["grid"] == "two-by-two"
+    assert not any((storage / "checkpoints").iterdir())
+
+
+def test_rerun_without_resume_fails_and_writes_nothing(grid_sweep):
+    path, storage, _, _ = grid_sweep
+    before = sorted((p, p.stat().st_mtime_ns) for p in storage.rglob("*"))
+    with pytest.raises(SweepError) as error:
+        sweep(path, storage)
+    assert str(error.value) == (f"{storage} already holds sweep 'two-by-two'; "
+                                "pass --resume to continue it or choose another --storage")
+    assert sorted((p, p.stat().st_mtime_ns) for p in storage.rglob("*")) == before
+
+
+def session_pids(sid: int) -> list[int]:
+    """The processes of session `sid`: the killed driver's Ray processes."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after "(comm)": state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def listening_addresses(pids: list[int]) -> list[str]:
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[3] for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids)]
+
+
+def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
+    # Long and short trials run side by side (2 CPUs), so at the kill a long one holds a checkpoint.
+    path = write_grid(name="killed", sau={"eps": [0.1, 0.2], "rounds": [12, 2]})
+    storage = tmp_path / "sweep"
+    specs = {s.trial_id: s for s in expand(load_grid(path))}
+    long_trials = [storage / "checkpoints" / i / "state.pt" for i, s in specs.items() if s.sau["rounds"] == 12]
+    script = tmp_path / "sweep.py"
+    script.write_text(textwrap.dedent(f"""
+        from pathlib import Path
+        from orchestrator.spec import load_grid
+        from orchestrator.sweep import run_sweep
+        run_sweep(load_grid({str(path)!r}), storage=Path({str(storage)!r}), resume=False, address=None,
+                  tracking_uri=None)
+    """))
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen([sys.executable, str(script)], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (finished_ids(storage / "results") and any(p.exists() for p in long_trials)):
+            assert driver.poll() is None and time.monotonic() < deadline, "sweep ended before it could be killed"
+            time.sleep(0.2)
+        addresses = listening_addresses(session_pids(driver.pid))
+        os.killpg(driver.pid, signal.SIGKILL)
+    finally:
+        for pid in session_pids(driver.pid):  # Ray's workers and agents outlive a killed driver
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        driver.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    loopback = {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}
+    assert addresses and {a.rpartition(":")[0] for a in addresses} <= loopback, addresses
+
+    checkpoints = {p.parent.name: torch.load(p, weights_only=True)
+                   for p in (storage / "checkpoints").glob("*/state.pt")}
+    assert any(state["purify"]["round"] < specs[i].sau["rounds"] for i, state in checkpoints.items())
+    done_before = finished_ids(storage / "results")
+    df, lines = sweep(path, storage, resume=True)
+    assert f"killed: {4 - len(done_before)} trials to run, {len(done_before)} already finished" in lines
+
+    assert sorted(df["trial_id"]) == sorted(specs)
+    client, _, runs = child_runs(f"sqlite:///{storage}/mlflow.db", storage)
+    finished_runs = [r.data.tags[TRIAL_ID_TAG] for r in runs if r.info.status == "FINISHED"]
+    assert sorted(finished_runs) == sorted(specs)
+    for trial_id, state in checkpoints.items():  # continued from the checkpoint, in the same MLflow run
+        row = df[df["trial_id"] == trial_id].iloc[0]
+        rounds = specs[trial_id].sau["rounds"]
+        assert 0 < state["purify"]["round"] <= rounds == row["rounds_done"]
+        assert row["mlflow_run_id"] == state["mlflow_run_id"]
+        assert [m.step for m in client.get_metric_history(row["mlflow_run_id"], "loss")] == list(range(1, rounds + 1))
+
+
+SEARCH = {"num_samples": 3, "max_concurrent": 2, "sampler": "tpe", "seed": 0,
+          "space": {"lmd_sar": {"low": 0.1, "high": 10.0, "log": True}, "eps": {"low": 0.05, "high": 0.3}},
+          "objectives": [{"metric": "acc_after", "mode": "max"}, {"metric": "asr_after", "mode": "min"}]}
+
+
+def test_two_objective_search_writes_a_pareto_front(write_grid, tmp_path):
+    path = write_grid(name="search2", search=SEARCH)
+    storage = tmp_path / "sweep"
+    df, lines = sweep(path, storage)
+    assert len(df) == 3
+    assert len({(r["sau.lmd_sar"], r["sau.eps"]) for _, r in df.iterrows()}) == 3
+    study = optuna.load_study(study_name="search2", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(storage / "optuna.journal"))))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+
+    front = pd.read_csv(storage / "pareto.csv")
+    acc, asr = df["acc_after"].to_numpy(), df["asr_after"].to_numpy()
+    dominated = [((acc >= a) & (asr <= s) & ((acc > a) | (asr < s))).any() for a, s in zip(acc, asr)]
+    assert sorted(front["trial_id"]) == sorted(df["trial_id"][[not d for d in dominated]])
+
+
+def test_single_objective_search_runs_and_resumes(write_grid, tmp_path):
+    space = {"lmd_sar": {"low": 0.1, "high": 10.0, "log": True}, "pgd_steps": {"low": 1, "high": 3},
+             "pgd_step_size": {"choices": [0.1, 0.2]}}
+    search = {**SEARCH, "num_samples": 2, "space": space, "objectives": [{"metric": "der", "mode": "max"}]}
+    path = write_grid(name="search1", search=search)
+    storage = tmp_path / "sweep"
+    df, _ = sweep(path, storage)
+    assert len(df) == 2 and not (storage / "pareto.csv").exists()
+    assert df["sau.pgd_steps"].dtype.kind == "i" and set(df["sau.pgd_steps"]) <= {1, 2, 3}
+    assert set(df["sau.pgd_step_size"]) <= {0.1, 0.2}
+    df, lines = sweep(path, storage, resume=True)
+    assert len(df) == 2 and "search1: 0 trials to run, 2 already finished" in lines
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_loses_no_row(write_grid, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    path = write_grid(name="untracked")
+    storage = tmp_path / "sweep"
+    df, _ = sweep(path, storage, tracking_uri=f"http://127.0.0.1:{free_port()}")
+    assert len(df) == 1 and df["mlflow_run_id"].tolist() == [""]
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "warning: MLflow" in line]
+    assert len(warnings) == 1 and "continuing without tracking" in warnings[0]
+
+
+def test_mlflow_server_receives_the_child_runs(write_grid, tmp_path):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "artifacts")],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        storage = tmp_path / "sweep"
+        df, _ = sweep(write_grid(name="served"), storage, tracking_uri=uri)
+        client, info, runs = child_runs(uri, storage)
+        assert [r.info.run_id for r in runs] == df["mlflow_run_id"].tolist()
+        assert runs[0].info.status == "FINISHED" and runs[0].data.metrics["acc_after"] == df["acc_after"][0]
+        assert [a.path for a in client.list_artifacts(info["parent_run_id"])] == ["results.csv"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
