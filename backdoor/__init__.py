@@ -1,7 +1,8 @@
 """The substrate of the SAU experiments: data sets, attacks, architectures, training, metrics, records."""
 
-from .attacks import ATTACKS, Attack, AttackError, BadNets, BadNetsParams, Blended, BlendedParams, make_attack
-from .data import DataError, ImageData, clean_subset, load_dataset, to_unit
+from .attacks import (ATTACKS, SIG, Attack, AttackError, BadNets, BadNetsParams, Blended, BlendedParams,
+                      SIGParams, make_attack)
+from .data import DATASETS, DataError, ImageData, clean_subset, load_dataset, to_unit
 from .metrics import EvalSets, Metrics, der, eval_sets, evaluate
 from .models import ARCHS, ModelError, Normalize, build_model
 from .record import ModelRecord, RecordError, load_record, save_record
@@ -12,8 +13,8 @@ CODE_VERSION = "1"
 
 __all__ = [
     "ARCHS", "ATTACKS", "Attack", "AttackError", "BadNets", "BadNetsParams", "Blended", "BlendedParams",
-    "CODE_VERSION", "DataError", "EvalSets", "ImageData", "Metrics", "ModelError", "ModelRecord",
-    "Normalize", "RecipeError", "RecordError", "TrainRecipe", "build_model", "clean_subset", "der",
+    "CODE_VERSION", "DATASETS", "DataError", "EvalSets", "ImageData", "Metrics", "ModelError", "ModelRecord",
+    "Normalize", "RecipeError", "RecordError", "SIG", "SIGParams", "TrainRecipe", "build_model", "clean_subset", "der",
     "eval_sets", "evaluate", "load_dataset", "load_record", "make_attack", "save_record", "to_unit",
     "train_backdoored",
 ]

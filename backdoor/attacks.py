@@ -1,6 +1,8 @@
-"""Data-poisoning backdoor attacks on uint8 N×C×H×W images: BadNets and Blended."""
+"""Data-poisoning backdoor attacks on uint8 N×C×H×W images: BadNets, Blended and SIG; and ImportedAttack,
+another benchmark's attack known only through its poisoned test set."""
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar, NoReturn
 
@@ -31,6 +33,18 @@ class BadNetsParams(PoisonParams):
 class BlendedParams(PoisonParams):
     alpha: float = 0.2
     pattern_seed: int = 0
+
+
+@dataclass(frozen=True)
+class SIGParams(PoisonParams):
+    delta: float = 40.0  # amplitude on the 0-255 scale
+    frequency: int = 6  # sine periods across the image width
+
+
+def _draw(pool: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """`count` entries of `pool` drawn without replacement from `seed`, sorted."""
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    return pool[order[:count]].sort().values
 
 
 class Attack:
@@ -81,15 +95,24 @@ class Attack:
             return (y + 1) % self.num_classes
         return torch.full_like(y, self.params.target)
 
+    def poison_indices(self, y: torch.Tensor, seed: int) -> torch.Tensor:
+        """round(poison_ratio·N) sample indices drawn from all classes."""
+        return _draw(torch.arange(len(y)), round(self.params.poison_ratio * len(y)), seed)
+
     def poison_train(self, x: torch.Tensor, y: torch.Tensor,
                      seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Trigger round(poison_ratio·N) samples drawn from all classes; returns (x, y, indices)."""
-        count = round(self.params.poison_ratio * len(x))
-        index = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+        """Trigger and relabel the samples `poison_indices` picks; returns (x, y, indices)."""
+        index = self.poison_indices(y, seed)
         x, y = x.clone(), y.clone()
         x[index] = self.apply(x[index])
         y[index] = self.backdoor_labels(y[index])
         return x, y, index
+
+    def test_set(self, x: torch.Tensor,
+                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Triggered test images, their backdoor labels and true labels; all2one leaves out the target class."""
+        keep = y != self.params.target if self.params.label_mode == "all2one" else torch.ones_like(y, dtype=torch.bool)
+        return self.apply(x[keep]), self.backdoor_labels(y[keep]), y[keep]
 
 
 class BadNets(Attack):
@@ -149,7 +172,105 @@ class Blended(Attack):
         return ((1 - alpha) * x.float() + alpha * pattern).round().to(torch.uint8)
 
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blended)}
+class SIG(Attack):
+    """Clean-label: clip(round(x + delta·sin(2π·j·frequency/W))) at column j, on target-class images only."""
+
+    name = "sig"
+    params_type = SIGParams
+    state_dtypes = {"pattern": torch.float32}
+
+    def check(self) -> None:
+        super().check()
+        p, width = self.params, self.shape[2]
+        if p.label_mode != "all2one":
+            self.fail("label_mode", "must be all2one: SIG is clean-label, poisoned images keep their target label")
+        if not 0 < p.delta <= 255:
+            self.fail("delta", f"must be in (0, 255], got {p.delta}")
+        if p.frequency < 1:
+            self.fail("frequency", f"must be >= 1, got {p.frequency}")
+        if 2 * p.frequency % width == 0:
+            # The sine is then sampled at its zeros only: the trigger would change no pixel.
+            self.fail("frequency", f"must not be a multiple of {width}/2 (image width {width}), got {p.frequency}")
+
+    def make_state(self) -> dict[str, torch.Tensor]:
+        p, (channels, height, width) = self.params, self.shape
+        columns = torch.arange(width, dtype=torch.float64)
+        wave = p.delta * torch.sin(2 * math.pi * columns * p.frequency / width)
+        return {"pattern": wave.to(torch.float32).expand(channels, height, width).contiguous()}
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() + self.state["pattern"].to(x.device)).round().clamp(0, 255).to(torch.uint8)
+
+    def poison_indices(self, y: torch.Tensor, seed: int) -> torch.Tensor:
+        """round(poison_ratio·N) target-class samples (a ratio of the whole set, as in BackdoorBench).
+
+        Being of the target class already, they keep their labels when poison_train relabels them."""
+        p = self.params
+        count, pool = round(p.poison_ratio * len(y)), (y == p.target).nonzero().flatten()
+        if count > len(pool):
+            self.fail("poison_ratio", f"{p.poison_ratio} asks for {count} images of class {p.target}, which has "
+                      f"{len(pool)}; the largest possible ratio is {_largest_ratio(len(pool), len(y))}")
+        return _draw(pool, count, seed)
+
+
+def _largest_ratio(count: int, n: int) -> float:
+    """The largest ratio r with round(r·n) <= count, to `len(str(n))` decimals (finer than 1/n)."""
+    scale = 10 ** len(str(n))
+    steps = (2 * count + 1) * scale // (2 * n)  # floor of (count + 0.5)/n in units of 1/scale
+    while round(steps / scale * n) > count:  # at (count + 0.5)/n itself, round() may go up
+        steps -= 1
+    return steps / scale
+
+
+class ImportedAttack(Attack):
+    """An attack known only through its poisoned test set, as imported from another benchmark.
+
+    The state is that set: triggered images `x_bd` (uint8 N×C×H×W), their backdoor labels `y_bd`, true labels
+    `y_true` and indices `index` into the clean test set. Without the trigger nothing new can be poisoned.
+    """
+
+    name = "imported"
+    params_type = PoisonParams
+    state_dtypes = {"x_bd": torch.uint8, "y_bd": torch.int64, "y_true": torch.int64, "index": torch.int64}
+
+    def checked_state(self, state: dict) -> dict[str, torch.Tensor]:
+        if set(state) != set(self.state_dtypes):
+            self.fail("state", f"expected tensors {sorted(self.state_dtypes)}, got {sorted(state)}")
+        index = state["index"]
+        count = len(index) if isinstance(index, torch.Tensor) and index.ndim == 1 else 0
+        for key, dtype in self.state_dtypes.items():
+            shape = (count, *self.shape) if key == "x_bd" else (count,)
+            tensor = state[key]
+            fits = isinstance(tensor, torch.Tensor) and tensor.dtype == dtype and tuple(tensor.shape) == shape
+            if count == 0 or not fits:
+                self.fail(f"state.{key}", f"expected a non-empty {dtype} tensor of shape (N, ...) = {shape}")
+        for key in ("y_bd", "y_true"):
+            if state[key].min() < 0 or state[key].max() >= self.num_classes:
+                self.fail(f"state.{key}", f"labels must be in [0, {self.num_classes - 1}]")
+        if index.min() < 0:
+            self.fail("state.index", "indices must be >= 0")
+        return {key: state[key].cpu() for key in self.state_dtypes}
+
+    def make_state(self) -> NoReturn:
+        self.fail("state", "required: an imported attack is its stored poisoned test set (from a model record)")
+
+    def apply(self, x: torch.Tensor) -> NoReturn:
+        self.fail("apply", "the trigger is unknown; only the poisoned test images were imported")
+
+    def poison_train(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> NoReturn:
+        self.fail("poison_train", "an imported model cannot be re-trained: its trigger is unknown")
+
+    def test_set(self, x: torch.Tensor,
+                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stored poisoned test set, once its indices and true labels are checked against `y`."""
+        index, y_true = self.state["index"], self.state["y_true"]
+        if index.max() >= len(y) or not torch.equal(y[index], y_true):
+            self.fail("state.index", f"the stored images' indices and true labels do not match this test set "
+                      f"({len(y)} images)")
+        return self.state["x_bd"], self.state["y_bd"], y_true
+
+
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blended, SIG, ImportedAttack)}
 
 
 def _coerce(attack: str, field: dataclasses.Field, value):

@@ -1,12 +1,18 @@
-"""Image data sets as uint8 N×C×H×W tensors: sklearn digits, .npz archives, CIFAR-10 and MNIST."""
+"""Image data sets as uint8 N×C×H×W tensors: sklearn digits, .npz archives, the torchvision sets (MNIST,
+CIFAR-10/100, GTSRB) and Tiny-ImageNet's folder layout."""
 
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+# Names load_dataset knows besides npz:PATH; every one but digits is read from under a root directory.
+DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "cifar100", "gtsrb", "tiny-imagenet")
 CIFAR10_NORM = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
+CIFAR100_NORM = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 MNIST_NORM = ((0.1307,), (0.3081,))
+GTSRB_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # BackdoorBench does not normalize GTSRB
+TINY_IMAGENET_NORM = ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262))
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
@@ -53,14 +59,17 @@ def clean_subset(n: int, ratio: float, seed: int) -> torch.Tensor:
 
 
 def load_dataset(name: str, root: str | None = None, download: bool = False) -> ImageData:
-    """'digits', 'npz:PATH', or 'cifar10' / 'mnist' from torchvision under `root`."""
+    """'digits', 'npz:PATH', or one of DATASETS read from under `root`."""
     if name == "digits":
         return _digits()
     if name.startswith("npz:"):
         return _npz(Path(name[4:]).expanduser())
-    if name in ("cifar10", "mnist"):
-        return _torchvision(name, root, download)
-    raise DataError(f"dataset: unknown name {name!r} (expected digits, npz:PATH, cifar10 or mnist)")
+    if name not in DATASETS:
+        raise DataError(f"dataset: unknown name {name!r} (expected npz:PATH or one of {', '.join(DATASETS)})")
+    if root is None:
+        raise DataError(f"dataset {name}: root: required (the directory that holds or receives the data)")
+    root_path = Path(root).expanduser()
+    return _tiny_imagenet(root_path, download) if name == "tiny-imagenet" else _torchvision(name, root_path, download)
 
 
 def _make(name, x_train, y_train, x_test, y_test, norm=None) -> ImageData:
@@ -127,22 +136,83 @@ def _npz(path: Path) -> ImageData:
     return _make(f"npz:{path}", x_train, y_train, x_test, y_test)
 
 
-def _torchvision(name: str, root: str | None, download: bool) -> ImageData:
+def _to_rgb(size: int):
+    """PIL image -> uint8 3×size×size tensor, resized by PIL (bilinear, antialiased) where its size differs."""
+    from torchvision import transforms
+
+    return transforms.Compose([lambda image: image.convert("RGB"), transforms.Resize((size, size)),
+                               transforms.PILToTensor()])
+
+
+def _torchvision(name: str, root: Path, download: bool) -> ImageData:
     from torchvision import datasets
 
-    if root is None:
-        raise DataError(f"dataset {name}: root: required (the directory that holds or receives the data)")
-    root_path = Path(root).expanduser()
-    cls, folder, norm = {"cifar10": (datasets.CIFAR10, "cifar-10-batches-py", CIFAR10_NORM),
-                         "mnist": (datasets.MNIST, "MNIST/raw", MNIST_NORM)}[name]
+    folder, norm = {"mnist": ("MNIST/raw", MNIST_NORM), "cifar10": ("cifar-10-batches-py", CIFAR10_NORM),
+                    "cifar100": ("cifar-100-python", CIFAR100_NORM), "gtsrb": ("gtsrb", GTSRB_NORM)}[name]
     try:
-        splits = [cls(str(root_path), train=train, download=download) for train in (True, False)]
+        if name == "gtsrb":
+            # Images of varying size, resized to 32×32 as BackdoorBench does.
+            splits = [datasets.GTSRB(str(root), split=split, download=download, transform=_to_rgb(32))
+                      for split in ("train", "test")]
+            arrays = [(torch.stack([x for x, _ in split]), torch.tensor([y for _, y in split])) for split in splits]
+        else:
+            cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+            splits = [cls(str(root), train=train, download=download) for train in (True, False)]
+            arrays = [(_channels_first(torch.as_tensor(split.data)),
+                       torch.as_tensor(split.targets, dtype=torch.int64)) for split in splits]
     except (RuntimeError, OSError) as error:
+        where = getattr(error, "filename", None) or root / folder  # the missing file, where the error names one
         reason = f"download failed ({error})" if download else "not found or incomplete (downloading is off: --download or download: true allows it)"
-        raise DataError(f"dataset {name}: {root_path / folder}: {reason}".splitlines()[0]) from None
-    xs, ys = [], []
-    for split in splits:
-        x = torch.as_tensor(split.data)
-        xs.append(x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous())
-        ys.append(torch.as_tensor(split.targets, dtype=torch.int64))
-    return _make(name, xs[0], ys[0], xs[1], ys[1], norm)
+        raise DataError(f"dataset {name}: {where}: {reason}".splitlines()[0]) from None
+    (x_train, y_train), (x_test, y_test) = arrays
+    return _make(name, x_train, y_train, x_test, y_test, norm)
+
+
+def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+
+
+def _tiny_imagenet(root: Path, download: bool) -> ImageData:
+    """ROOT/tiny-imagenet-200 as unpacked from tiny-imagenet-200.zip; its labelled validation split is the test set."""
+    from PIL import Image
+
+    base = root / "tiny-imagenet-200"
+
+    def bad(path: Path, reason: str) -> DataError:
+        return DataError(f"dataset tiny-imagenet: {path}: {reason}")
+
+    def existing(path: Path) -> Path:
+        if not path.exists():
+            # torchvision has no Tiny-ImageNet class, so there is no official mirror to download from.
+            raise bad(path, "missing" + (" (download: not available for tiny-imagenet; unpack "
+                                         "tiny-imagenet-200.zip under root)" if download else ""))
+        return path
+
+    wnids = existing(base / "wnids.txt").read_text().split()
+    if not wnids:
+        raise bad(base / "wnids.txt", "lists no classes")
+    train = []
+    for label, wnid in enumerate(wnids):
+        files = sorted(existing(base / "train" / wnid / "images").glob("*.JPEG"))
+        if not files:
+            raise bad(base / "train" / wnid / "images", "no .JPEG images")
+        train += [(path, label) for path in files]
+    annotations = existing(base / "val" / "val_annotations.txt")
+    index, test = {wnid: label for label, wnid in enumerate(wnids)}, []
+    for number, line in enumerate(annotations.read_text().splitlines(), start=1):
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in index:
+            raise bad(annotations, f"line {number}: expected FILE<tab>WNID with a WNID from wnids.txt")
+        test.append((base / "val" / "images" / fields[0], index[fields[1]]))
+
+    def load(samples: list[tuple[Path, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, to_rgb = [], _to_rgb(64)  # the set is 64×64; some of its images are grayscale
+        for path, _ in samples:
+            try:
+                with Image.open(existing(path)) as image:
+                    images.append(to_rgb(image))
+            except OSError as error:
+                raise bad(path, f"unreadable image ({error})".splitlines()[0]) from None
+        return torch.stack(images), torch.tensor([label for _, label in samples])
+
+    return _make("tiny-imagenet", *load(train), *load(test), TINY_IMAGENET_NORM)

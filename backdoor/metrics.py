@@ -27,13 +27,8 @@ class EvalSets:
 
 
 def eval_sets(data: ImageData, attack: Attack) -> EvalSets:
-    """The clean test set and its triggered copy; all2one leaves out images already of the target class."""
-    keep = torch.ones_like(data.y_test, dtype=torch.bool)
-    if attack.params.label_mode == "all2one":
-        keep = data.y_test != attack.params.target
-    y_true = data.y_test[keep]
-    return EvalSets(data.x_test, data.y_test, attack.apply(data.x_test[keep]),
-                    attack.backdoor_labels(y_true), y_true)
+    """The clean test set and the attack's triggered test set (see Attack.test_set)."""
+    return EvalSets(data.x_test, data.y_test, *attack.test_set(data.x_test, data.y_test))
 
 
 def _predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:

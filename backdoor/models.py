@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ARCHS: tuple[str, ...] = ("cnn-small", "preactresnet18")
+ARCHS: tuple[str, ...] = ("cnn-small", "preactresnet18", "vgg19_bn", "efficientnet_b3", "mobilenet_v3_large",
+                          "densenet161")
 
 
 class ModelError(ValueError):
@@ -67,6 +68,23 @@ class PreActResNet18(nn.Module):
         return self.linear(self.avgpool(out).flatten(1))
 
 
+def torchvision_net(arch: str, channels: int, num_classes: int) -> nn.Module:
+    """A torchvision model as BackdoorBench builds it: the plain constructor, random init, ImageNet stem.
+
+    Its adaptive pooling is what lets 32×32 inputs through (they reach the last stage as 1×1 maps), so inputs
+    must be 32×32 or larger. For channels != 3 only the first conv is replaced, by one of the same shape that
+    takes `channels` inputs (PyTorch's default init).
+    """
+    from torchvision import models
+
+    net = getattr(models, arch)(weights=None, num_classes=num_classes)
+    if channels != 3:
+        name, conv = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
+        net.set_submodule(name, nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                          conv.padding, bias=conv.bias is not None))
+    return net
+
+
 def build_model(arch: str, num_classes: int, channels: int, mean, std) -> nn.Sequential:
     if arch not in ARCHS:
         raise ModelError(f"arch: unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
@@ -74,5 +92,10 @@ def build_model(arch: str, num_classes: int, channels: int, mean, std) -> nn.Seq
         raise ModelError(f"num_classes: must be >= 2, got {num_classes}")
     if channels < 1 or not len(mean) == len(std) == channels or min(std) <= 0:
         raise ModelError(f"mean/std: need {channels} values each with std > 0, got {mean} / {std}")
-    net = cnn_small(channels, num_classes) if arch == "cnn-small" else PreActResNet18(channels, num_classes)
+    if arch == "cnn-small":
+        net = cnn_small(channels, num_classes)
+    elif arch == "preactresnet18":
+        net = PreActResNet18(channels, num_classes)
+    else:
+        net = torchvision_net(arch, channels, num_classes)
     return nn.Sequential(Normalize(mean, std), net)

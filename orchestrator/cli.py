@@ -1,4 +1,4 @@
-"""The `sau` command line: run a grid, attack one model, purify one model, report results."""
+"""The `sau` command line: run a grid, attack one model, import one from BackdoorBench, purify one, report."""
 from __future__ import annotations
 
 import argparse
@@ -14,14 +14,15 @@ import backdoor
 from backdoor import (AttackError, DataError, ModelError, RecipeError, RecordError, TrainRecipe, clean_subset, der,
                       eval_sets, evaluate, load_dataset, load_record, make_attack, save_record, to_unit,
                       train_backdoored)
+from backdoor.backdoorbench import BackdoorBenchError, import_backdoorbench
 from backdoor.record import ModelRecord
 from sau_kernel import SAUConfig, SAUConfigError, purify
 
 from .results import ResultsError, format_table, read_results
 from .spec import SpecError
 
-USER_ERRORS = (AttackError, DataError, ModelError, RecipeError, RecordError, ResultsError, SAUConfigError,
-               SpecError)
+USER_ERRORS = (AttackError, BackdoorBenchError, DataError, ModelError, RecipeError, RecordError, ResultsError,
+               SAUConfigError, SpecError)
 
 
 class CommandError(ValueError):
@@ -96,8 +97,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_attack(args: argparse.Namespace) -> None:
     out = Path(args.out)
     ensure_new_dir(out, "--out")
-    recipe = TrainRecipe(**{k: v for k, v in (("epochs", args.epochs), ("lr", args.lr),
-                                               ("batch_size", args.batch_size)) if v is not None})
+    given = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "augment": args.augment}
+    recipe = TrainRecipe(**{k: v for k, v in given.items() if v is not None})
     data = load_dataset(args.dataset, root=args.data_root, download=args.download)
     attack = make_attack(args.attack, parse_params(args.param), data.shape, data.num_classes)
     backdoor.build_model(args.arch, data.num_classes, data.channels, data.mean, data.std)  # fail fast on the arch
@@ -112,6 +113,17 @@ def cmd_attack(args: argparse.Namespace) -> None:
     save_record(out, model.cpu(), attack, record)
     emit(asdict(metrics), [f"model record: {out}",
                            f"ACC {pct(metrics.acc)}  ASR {pct(metrics.asr)}  RA {pct(metrics.ra)}"], args.json)
+
+
+def cmd_import_backdoorbench(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    ensure_new_dir(out, "--out")
+    record = import_backdoorbench(Path(args.record_dir), out, data_root=args.data_root, device=device_of(args.device))
+    figures = "  ".join(f"{name.upper()} {pct(value)}" for name, value in record.metrics.items())
+    lines = [f"model record: {out}", figures]
+    if "acc" not in record.metrics:
+        lines.append("(no ACC: --data-root gives the clean test set)")
+    emit(record.metrics, lines, args.json)
 
 
 def cmd_purify(args: argparse.Namespace) -> None:
@@ -166,23 +178,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     def data_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data-root", help="directory of cifar10 / mnist (torchvision layout)")
+        p.add_argument("--data-root", help="directory holding the data set (all but digits and npz:PATH)")
         p.add_argument("--download", action="store_true", help="allow torchvision to download the data set")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
         p.add_argument("--json", action="store_true", help="print the figures as one JSON object last")
 
     attack = commands.add_parser("attack", help="train one backdoored model into a model record")
-    attack.add_argument("--dataset", required=True, help="digits, cifar10, mnist or npz:PATH")
+    attack.add_argument("--dataset", required=True, help=f"one of {', '.join(backdoor.DATASETS)} or npz:PATH")
     attack.add_argument("--attack", required=True, help=f"one of {', '.join(backdoor.ATTACKS)}")
     attack.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="attack parameter")
     attack.add_argument("--arch", required=True, help=f"one of {', '.join(backdoor.ARCHS)}")
-    attack.add_argument("--epochs", type=int)
-    attack.add_argument("--lr", type=float)
-    attack.add_argument("--batch-size", type=int)
-    attack.add_argument("--seed", type=int, default=0)
+    attack.add_argument("--epochs", type=int, help="training epochs (default 100)")
+    attack.add_argument("--lr", type=float, help="SGD learning rate, cosine-annealed (default 0.01)")
+    attack.add_argument("--batch-size", type=int, help="default 128")
+    attack.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                        help="train without random crops and flips")
+    attack.add_argument("--seed", type=int, default=0, help="seeds poisoning, initialisation and shuffling")
     attack.add_argument("--out", required=True, help="model record directory to create")
     data_options(attack)
     attack.set_defaults(func=cmd_attack)
+
+    imp = commands.add_parser("import-backdoorbench", help="turn a BackdoorBench attack result into a model record")
+    imp.add_argument("record_dir", help="BackdoorBench record folder (attack_result.pt and bd_test_dataset/)")
+    imp.add_argument("--data-root", help="directory of the clean data set: checks the record against it, adds ACC")
+    imp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    imp.add_argument("--json", action="store_true", help="print the figures as one JSON object last")
+    imp.add_argument("--out", required=True, help="model record directory to create")
+    imp.set_defaults(func=cmd_import_backdoorbench)
 
     pur = commands.add_parser("purify", help="purify one model record with SAU")
     pur.add_argument("model_dir", help="model record directory")

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from backdoor import ARCHS, ATTACKS, CODE_VERSION, TrainRecipe
+from backdoor import ARCHS, ATTACKS, CODE_VERSION, DATASETS, TrainRecipe
 from sau_kernel import SAUConfig
 
 DEFAULT_CLEAN_RATIO = 0.05  # the paper's
@@ -87,13 +87,14 @@ class DatasetSpec(BaseModel):
     @classmethod
     def _known(cls, name: str) -> str:
         # Only the name here: whether the data is there is found out when it is loaded.
-        if name not in ("digits", "cifar10", "mnist") and not (name.startswith("npz:") and len(name) > 4):
-            raise ValueError(f"unknown dataset {name!r} (expected digits, cifar10, mnist or npz:PATH)")
+        if name not in DATASETS and not (name.startswith("npz:") and len(name) > 4):
+            raise ValueError(f"unknown dataset {name!r} (expected npz:PATH or one of {', '.join(DATASETS)})")
         return name
 
     @model_validator(mode="after")
     def _root_given(self) -> DatasetSpec:
-        if self.name in ("cifar10", "mnist") and self.root is None:
+        # digits ships with scikit-learn; every other named data set is read from under root.
+        if self.name in DATASETS and self.name != "digits" and self.root is None:
             raise _bad("root", f"required for {self.name} (the directory that holds or receives the data)")
         return self
 

@@ -1,3 +1,6 @@
+import hashlib
+import pickle
+import shutil
 import struct
 from contextlib import contextmanager
 from pathlib import Path
@@ -5,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from backdoor.data import DataError, clean_subset, load_dataset, to_unit
 
@@ -158,3 +162,131 @@ def test_real_cifar10_subset():
     # Statistics of a subset are close to CIFAR-10's published ones.
     assert data.mean == pytest.approx((0.4914, 0.4822, 0.4465), abs=0.02)
     assert data.std == pytest.approx((0.247, 0.243, 0.261), abs=0.02)
+
+
+def write_cifar100(root: Path, monkeypatch) -> dict:
+    from torchvision import datasets
+
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    splits = {"train": (rng.integers(0, 256, (6, 3072), dtype=np.uint8), [0, 5, 99, 5, 0, 1]),
+              "test": (rng.integers(0, 256, (3, 3072), dtype=np.uint8), [99, 1, 0])}
+    for name, (data, labels) in splits.items():
+        (folder / name).write_bytes(pickle.dumps({"data": data, "fine_labels": labels, "coarse_labels": labels}))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}))
+    # torchvision checks the published files' md5 sums; point it at the sums of the files written here.
+    md5 = {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in ("train", "test", "meta")}
+    monkeypatch.setattr(datasets.CIFAR100, "train_list", [["train", md5["train"]]])
+    monkeypatch.setattr(datasets.CIFAR100, "test_list", [["test", md5["test"]]])
+    monkeypatch.setattr(datasets.CIFAR100, "meta", {**datasets.CIFAR100.meta, "md5": md5["meta"]})
+    return splits
+
+
+def test_cifar100_through_torchvision(tmp_path, monkeypatch):
+    splits = write_cifar100(tmp_path, monkeypatch)
+    data = load_dataset("cifar100", root=str(tmp_path))
+    assert data.shape == (3, 32, 32) and (len(data.x_train), len(data.x_test)) == (6, 3)
+    assert torch.equal(data.x_train, torch.from_numpy(splits["train"][0]).reshape(6, 3, 32, 32))
+    assert data.y_train.tolist() == [0, 5, 99, 5, 0, 1] and data.y_test.dtype == torch.int64
+    assert data.num_classes == 100
+    assert (data.mean, data.std) == ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    (tmp_path / "cifar-100-python" / "test").unlink()
+    with data_error("dataset cifar100", str(tmp_path / "cifar-100-python"), "not found or incomplete"):
+        load_dataset("cifar100", root=str(tmp_path))
+
+
+def solid(color, size=(32, 32), mode="RGB"):
+    return Image.new(mode, size, color)
+
+
+def write_gtsrb(root: Path) -> None:
+    """The layout torchvision's GTSRB reads: Training/<class>/*.ppm, Final_Test/Images/*.ppm + GT-final_test.csv."""
+    base = root / "gtsrb"
+    for label, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        folder = base / "GTSRB" / "Training" / f"{label:05d}"
+        folder.mkdir(parents=True)
+        solid(color, (40, 35)).save(folder / "00000_00000.ppm")
+        solid(color, (20, 28)).save(folder / "00000_00001.ppm")
+    test = base / "GTSRB" / "Final_Test" / "Images"
+    test.mkdir(parents=True)
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i, label in enumerate([2, 0]):
+        Image.fromarray(texture(i, (45, 50))).save(test / f"{i:05d}.ppm")
+        rows.append(f"{i:05d}.ppm;50;45;5;5;40;45;{label}")
+    (base / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+
+
+def texture(seed: int, shape) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+
+
+def test_gtsrb_resized_to_32(tmp_path):
+    write_gtsrb(tmp_path)
+    data = load_dataset("gtsrb", root=str(tmp_path))
+    assert data.shape == (3, 32, 32) and data.x_train.dtype == torch.uint8
+    assert data.y_train.tolist() == [0, 0, 1, 1, 2, 2] and data.y_test.tolist() == [2, 0]
+    assert torch.equal(data.x_train[2], torch.tensor([0, 255, 0], dtype=torch.uint8).view(3, 1, 1).expand(3, 32, 32))
+    resized = Image.fromarray(texture(1, (45, 50))).resize((32, 32), Image.BILINEAR)  # what BackdoorBench feeds
+    assert torch.equal(data.x_test[1], torch.from_numpy(np.array(resized)).permute(2, 0, 1))
+    assert (data.mean, data.std, data.num_classes) == ((0.0,) * 3, (1.0,) * 3, 3)
+
+
+def test_gtsrb_incomplete(tmp_path):
+    with data_error("dataset gtsrb", str(tmp_path / "gtsrb"), "not found"):
+        load_dataset("gtsrb", root=str(tmp_path))
+    write_gtsrb(tmp_path)
+    (tmp_path / "gtsrb" / "GT-final_test.csv").unlink()
+    with data_error("dataset gtsrb", str(tmp_path / "gtsrb" / "GT-final_test.csv")):
+        load_dataset("gtsrb", root=str(tmp_path))
+
+
+WNIDS = ["n09999999", "n01443537", "n02124075"]  # wnids.txt order, not sorted: it defines the labels
+
+
+def write_tiny(root: Path) -> Path:
+    base = root / "tiny-imagenet-200"
+    (base / "wnids.txt").parent.mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
+    for label, wnid in enumerate(WNIDS):
+        images = base / "train" / wnid / "images"
+        images.mkdir(parents=True)
+        for i in range(2):
+            solid((80 * label, 200, 40 * i), (64, 64)).save(images / f"{wnid}_{i}.JPEG")
+    (base / "val" / "images").mkdir(parents=True)
+    solid(128, (64, 64), mode="L").save(base / "val" / "images" / "val_0.JPEG")  # some are grayscale
+    solid((0, 0, 250), (64, 64)).save(base / "val" / "images" / "val_1.JPEG")
+    (base / "val" / "val_annotations.txt").write_text(
+        f"val_0.JPEG\t{WNIDS[2]}\t0\t0\t63\t63\nval_1.JPEG\t{WNIDS[0]}\t3\t4\t50\t60\n")
+    return base
+
+
+def test_tiny_imagenet_folder_layout(tmp_path):
+    write_tiny(tmp_path)
+    data = load_dataset("tiny-imagenet", root=str(tmp_path))
+    assert data.shape == (3, 64, 64) and (len(data.x_train), len(data.x_test)) == (6, 2)
+    assert data.y_train.tolist() == [0, 0, 1, 1, 2, 2] and data.y_test.tolist() == [2, 0]
+    # JPEG keeps flat colours to within a few levels.
+    colors = data.x_train.float().mean((2, 3))
+    assert torch.allclose(colors, torch.tensor([[0, 200, 0], [0, 200, 40], [80, 200, 0], [80, 200, 40],
+                                                [160, 200, 0], [160, 200, 40]]).float(), atol=3)
+    assert torch.allclose(data.x_test[0].float().mean((1, 2)), torch.full((3,), 128.0), atol=3)
+    assert (data.num_classes, data.mean) == (3, (0.4802, 0.4481, 0.3975))
+
+
+@pytest.mark.parametrize("remove", ["wnids.txt", f"train/{WNIDS[1]}/images", "val/val_annotations.txt",
+                                    "val/images/val_1.JPEG"])
+def test_tiny_imagenet_incomplete(tmp_path, remove):
+    path = write_tiny(tmp_path) / remove
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with data_error(f"dataset tiny-imagenet: {path}: missing"):
+        load_dataset("tiny-imagenet", root=str(tmp_path))
+
+
+def test_tiny_imagenet_bad_annotations_and_no_download(tmp_path):
+    with data_error(str(tmp_path / "tiny-imagenet-200" / "wnids.txt"), "missing", "download: not available"):
+        load_dataset("tiny-imagenet", root=str(tmp_path), download=True)
+    annotations = write_tiny(tmp_path) / "val" / "val_annotations.txt"
+    annotations.write_text(f"val_0.JPEG\t{WNIDS[0]}\nval_1.JPEG\tn00000000\n")
+    with data_error(str(annotations), "line 2"):
+        load_dataset("tiny-imagenet", root=str(tmp_path))

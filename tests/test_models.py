@@ -3,6 +3,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from backdoor.attacks import make_attack
@@ -12,13 +13,50 @@ from backdoor.models import ARCHS, ModelError, Normalize, build_model
 from backdoor.train import RecipeError, TrainRecipe, augment, train_backdoored
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+SMALL_INPUT_ARCHS = ("cnn-small", "preactresnet18")
+TORCHVISION_ARCHS = tuple(arch for arch in ARCHS if arch not in SMALL_INPUT_ARCHS)
+
+
+def test_archs_are_the_benchmark_models():
+    assert set(ARCHS) == {*SMALL_INPUT_ARCHS, "vgg19_bn", "efficientnet_b3", "mobilenet_v3_large", "densenet161"}
+
+
+@pytest.mark.parametrize("arch", SMALL_INPUT_ARCHS)
 @pytest.mark.parametrize("channels, size", [(1, 8), (1, 28), (3, 32), (3, 8)])
 def test_output_shapes(arch, channels, size):
     model = build_model(arch, 7, channels, (0.5,) * channels, (0.25,) * channels).eval()
     assert isinstance(model, nn.Sequential) and isinstance(model[0], Normalize)
     with torch.no_grad():
         assert model(torch.rand(2, channels, size, size)).shape == (2, 7)
+
+
+def torchvision_reference(arch: str, num_classes: int) -> nn.Module:
+    # Built on the meta device: shapes only, no memory or init time.
+    with torch.device("meta"):
+        return getattr(torchvision.models, arch)(num_classes=num_classes)
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
+def test_torchvision_archs_as_backdoorbench_builds_them(arch):
+    model = build_model(arch, 10, 3, (0.5,) * 3, (0.25,) * 3).eval()
+    assert isinstance(model[0], Normalize) and type(model[1]) is type(torchvision_reference(arch, 10))
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in torchvision_reference(arch, 10).parameters())
+    with torch.no_grad():
+        for size in (32, 64):
+            assert model(torch.rand(2, 3, size, size)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
+def test_torchvision_archs_take_one_channel(arch):
+    model = build_model(arch, 43, 1, (0.5,), (0.25,)).eval()
+    ours, reference = model[1].state_dict(), torchvision_reference(arch, 43).state_dict()
+    first = next(name for name, module in model[1].named_modules() if isinstance(module, nn.Conv2d)) + ".weight"
+    assert ours.keys() == reference.keys()
+    assert ours[first].shape == (reference[first].shape[0], 1, *reference[first].shape[2:])
+    assert all(ours[key].shape == reference[key].shape for key in ours if key != first)
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 32, 32)).shape == (2, 43)
 
 
 def test_preactresnet18_matches_backdoorbench():
