@@ -4,7 +4,7 @@ from .attacks import (ATTACKS, SIG, Attack, AttackError, BadNets, BadNetsParams,
                       SIGParams, make_attack)
 from .data import DATASETS, DataError, ImageData, clean_subset, load_dataset, to_unit
 from .metrics import EvalSets, Metrics, der, eval_sets, evaluate
-from .models import ARCHS, ModelError, Normalize, build_model
+from .models import ARCHS, ModelError, Normalize, build_model, check_fits
 from .record import ModelRecord, RecordError, load_record, save_record
 from .train import RecipeError, TrainRecipe, train_backdoored
 
@@ -14,7 +14,7 @@ CODE_VERSION = "1"
 __all__ = [
     "ARCHS", "ATTACKS", "Attack", "AttackError", "BadNets", "BadNetsParams", "Blended", "BlendedParams",
     "CODE_VERSION", "DATASETS", "DataError", "EvalSets", "ImageData", "Metrics", "ModelError", "ModelRecord",
-    "Normalize", "RecipeError", "RecordError", "SIG", "SIGParams", "TrainRecipe", "build_model", "clean_subset", "der",
+    "Normalize", "RecipeError", "RecordError", "SIG", "SIGParams", "TrainRecipe", "build_model", "check_fits", "clean_subset", "der",
     "eval_sets", "evaluate", "load_dataset", "load_record", "make_attack", "save_record", "to_unit",
     "train_backdoored",
 ]

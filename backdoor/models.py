@@ -99,3 +99,15 @@ def build_model(arch: str, num_classes: int, channels: int, mean, std) -> nn.Seq
     else:
         net = torchvision_net(arch, channels, num_classes)
     return nn.Sequential(Normalize(mean, std), net)
+
+
+def check_fits(arch: str, shape: tuple[int, int, int], num_classes: int) -> None:
+    """Raise ModelError unless `arch` takes C×H×W images (VGG and DenseNet, for one, need 32×32 or more)."""
+    channels = shape[0]
+    model = build_model(arch, num_classes, channels, (0.0,) * channels, (1.0,) * channels).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+    except RuntimeError as error:
+        reason = str(error).splitlines()[0]
+        raise ModelError(f"arch: {arch} cannot take {shape[1]}x{shape[2]} images ({reason})") from None

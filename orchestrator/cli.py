@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 import backdoor
-from backdoor import (AttackError, DataError, ModelError, RecipeError, RecordError, TrainRecipe, clean_subset, der,
-                      eval_sets, evaluate, load_dataset, load_record, make_attack, save_record, to_unit,
-                      train_backdoored)
+from backdoor import (AttackError, DataError, ModelError, RecipeError, RecordError, TrainRecipe, check_fits,
+                      clean_subset, der, eval_sets, evaluate, load_dataset, load_record, make_attack, save_record,
+                      to_unit, train_backdoored)
 from backdoor.backdoorbench import BackdoorBenchError, import_backdoorbench
 from backdoor.record import ModelRecord
 from sau_kernel import SAUConfig, SAUConfigError, purify
@@ -101,7 +101,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
     recipe = TrainRecipe(**{k: v for k, v in given.items() if v is not None})
     data = load_dataset(args.dataset, root=args.data_root, download=args.download)
     attack = make_attack(args.attack, parse_params(args.param), data.shape, data.num_classes)
-    backdoor.build_model(args.arch, data.num_classes, data.channels, data.mean, data.std)  # fail fast on the arch
+    check_fits(args.arch, data.shape, data.num_classes)  # fail before training, not in its first step
     device = device_of(args.device)
     model = train_backdoored(data, attack, args.arch, recipe, args.seed, device=device,
                              on_epoch=lambda epoch, loss: print(f"epoch {epoch}: loss {loss:.4f}", file=sys.stderr))

@@ -23,7 +23,7 @@ from ray import tune  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from backdoor import AttackError, load_dataset, make_attack  # noqa: E402
+from backdoor import AttackError, ModelError, check_fits, load_dataset, make_attack  # noqa: E402
 
 from .results import finished_ids, format_table, pareto_front, read_results  # noqa: E402
 from .spec import GridSpec, SearchSpec, TrialSpec, expand  # noqa: E402
@@ -138,13 +138,18 @@ def _run_trials(grid: GridSpec, storage: Path, tracking: SweepTracking | None, o
 
 def _check_against_data(grid: GridSpec) -> None:
     """What the spec alone cannot tell (the data is there; a patch fits the images; the target is a
-    class) fails here, before anything is written."""
+    class; the architecture takes images of this size) fails here, before anything is written."""
     data = load_dataset(grid.dataset.name, root=grid.dataset.root, download=grid.dataset.download)
     for i, attack in enumerate(grid.attacks):
         try:
             make_attack(attack.name, attack.params, data.shape, data.num_classes)
         except AttackError as error:
             raise SweepError(f"attacks[{i}]: {error}") from None
+    for i, arch in enumerate(grid.archs):
+        try:
+            check_fits(arch, data.shape, data.num_classes)
+        except ModelError as error:
+            raise SweepError(f"archs[{i}]: {error}") from None
 
 
 def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | None, tracking_uri: str | None,

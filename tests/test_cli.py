@@ -67,6 +67,7 @@ def test_purify_prints_before_and_after_and_writes_the_purified_record(digits_re
     (["attack", "--dataset", "digits", "--attack", "badnets", "--param", "patch_size=9", "--arch", "cnn-small"],
      ["patch_size"]),
     (["attack", "--dataset", "digits", "--attack", "badnets", "--arch", "resnet999"], ["resnet999"]),
+    (["attack", "--dataset", "digits", "--attack", "badnets", "--arch", "vgg19_bn"], ["vgg19_bn", "8x8"]),
     (["attack", "--dataset", "cifar10", "--data-root", "/nonexistent/data", "--attack", "badnets",
       "--arch", "cnn-small"], ["/nonexistent/data"]),
     (["attack", "--dataset", "npz:/nonexistent/x.npz", "--attack", "badnets", "--arch", "cnn-small"],
@@ -115,6 +116,16 @@ def test_run_with_a_patch_too_big_for_the_images_writes_nothing(tmp_path):
     path = tmp_path / "big.yaml"
     path.write_text(yaml.safe_dump(grid))
     assert_user_error(sau("run", str(path)), "attacks[0]", "patch_size")
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
+def test_run_with_an_architecture_too_big_for_the_images_writes_nothing(tmp_path):
+    grid = yaml.safe_load((REPO / "experiments" / "quickstart.yaml").read_text())
+    grid["archs"] = ["cnn-small", "densenet161"]
+    grid["storage"] = str(tmp_path / "runs")
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    assert_user_error(sau("run", str(path)), "archs[1]", "densenet161", "8x8")
     assert sorted(tmp_path.iterdir()) == [path]
 
 
