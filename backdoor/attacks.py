@@ -1,5 +1,6 @@
-"""Data-poisoning backdoor attacks on uint8 N×C×H×W images: BadNets, Blended and SIG; and ImportedAttack,
-another benchmark's attack known only through its poisoned test set."""
+"""Backdoor attacks on uint8 N×C×H×W images: data-poisoning BadNets, Blended and SIG; training-controlled WaNet,
+which poisons inside each training batch; and ImportedAttack, another benchmark's attack known only through its
+poisoned test set."""
 
 import dataclasses
 import math
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar, NoReturn
 
 import torch
+import torch.nn.functional as F
 
 POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left")
 
@@ -41,6 +43,14 @@ class SIGParams(PoisonParams):
     frequency: int = 6  # sine periods across the image width
 
 
+@dataclass(frozen=True)
+class WaNetParams(PoisonParams):
+    grid_k: int = 4  # side of the random control grid
+    strength: float = 0.5  # s: the warp moves pixels by up to about s·max|field|/H in grid units
+    cross_ratio: float = 2.0  # noise-mode samples per backdoor sample in each batch
+    grid_seed: int = 0
+
+
 def _draw(pool: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     """`count` entries of `pool` drawn without replacement from `seed`, sorted."""
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
@@ -53,6 +63,8 @@ class Attack:
     name: ClassVar[str]
     params_type: ClassVar[type]
     state_dtypes: ClassVar[dict[str, torch.dtype]]
+    # Training-controlled: the training set stays clean and train_backdoored calls poison_batch on every batch.
+    in_batch: ClassVar[bool] = False
 
     def __init__(self, params: PoisonParams, shape: tuple[int, int, int], num_classes: int,
                  state: dict | None = None):
@@ -75,16 +87,26 @@ class Attack:
     def checked_state(self, state: dict) -> dict[str, torch.Tensor]:
         if set(state) != set(self.state_dtypes):
             self.fail("state", f"expected tensors {sorted(self.state_dtypes)}, got {sorted(state)}")
+        shapes = self.state_shapes()
         for key, dtype in self.state_dtypes.items():
             tensor = state[key]
-            if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != self.shape:
-                self.fail(f"state.{key}", f"expected {dtype} tensor of shape {self.shape}")
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != shapes[key]:
+                self.fail(f"state.{key}", f"expected {dtype} tensor of shape {shapes[key]}")
         return {key: state[key].cpu() for key in self.state_dtypes}
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each state tensor: the image shape unless an attack says otherwise."""
+        return {key: self.shape for key in self.state_dtypes}
 
     def make_state(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def poison_batch(self, x: torch.Tensor, y: torch.Tensor,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Poison a training batch of float images in [0, 1] (in_batch attacks only)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -213,6 +235,82 @@ class SIG(Attack):
         return _draw(pool, count, seed)
 
 
+class WaNet(Attack):
+    """Training-controlled warping: every image is resampled through one fixed, smooth, seeded warp field.
+
+    In each training batch the first round(poison_ratio·B) images are warped and relabelled, the next
+    round(cross_ratio·poison_ratio·B) are warped through the field plus per-sample noise and keep their labels
+    (noise mode: only the exact warp may trigger), the rest stay clean. The state is the upsampled field, H×W×2.
+    """
+
+    name = "wanet"
+    params_type = WaNetParams
+    state_dtypes = {"field": torch.float32}
+    in_batch = True
+
+    def check(self) -> None:
+        super().check()
+        p, (_, height, width) = self.params, self.shape
+        if not 2 <= p.grid_k <= min(height, width):
+            self.fail("grid_k", f"must be between 2 and {min(height, width)} (image is {height}x{width}), "
+                      f"got {p.grid_k}")
+        if not p.strength > 0:
+            self.fail("strength", f"must be > 0, got {p.strength}")
+        if not p.cross_ratio >= 0:
+            self.fail("cross_ratio", f"must be >= 0, got {p.cross_ratio}")
+        if (1 + p.cross_ratio) * p.poison_ratio > 1:
+            self.fail("cross_ratio", f"(1 + cross_ratio)·poison_ratio must be <= 1, got "
+                      f"(1 + {p.cross_ratio})·{p.poison_ratio}")
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"field": (*self.shape[1:], 2)}
+
+    def make_state(self) -> dict[str, torch.Tensor]:
+        p, (_, height, width) = self.params, self.shape
+        generator = torch.Generator().manual_seed(p.grid_seed)
+        coarse = torch.rand(1, 2, p.grid_k, p.grid_k, generator=generator) * 2 - 1
+        coarse = coarse / coarse.abs().mean()
+        field = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=True)
+        return {"field": field[0].permute(1, 2, 0).contiguous()}
+
+    def grid(self, device: torch.device) -> torch.Tensor:
+        """The warped sampling grid, H×W×2 as (x, y) in [-1, 1] for grid_sample(align_corners=True)."""
+        _, height, width = self.shape
+        rows, cols = torch.linspace(-1, 1, height), torch.linspace(-1, 1, width)
+        identity = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=2)
+        # Scaled by the height for both axes, as BackdoorBench does (its images are square).
+        return (identity + self.params.strength * self.state["field"] / height).clamp(-1, 1).to(device)
+
+    @staticmethod
+    def _warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Resample float images N×C×H×W through `grid` (H×W×2 shared, or N×H×W×2 per image)."""
+        grid = grid.expand(len(x), -1, -1, -1)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        warped = self._warp(x.float(), self.grid(x.device))
+        return warped.round().clamp(0, 255).to(torch.uint8)
+
+    def poison_train(self, x: torch.Tensor, y: torch.Tensor,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training set as it is, with no poisoned indices: poison_batch poisons each batch instead."""
+        return x, y, torch.empty(0, dtype=torch.int64)
+
+    def poison_batch(self, x: torch.Tensor, y: torch.Tensor,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backdoor, noise-mode and clean parts, in that order (see the class docstring).
+
+        `generator` draws the noise-mode offsets, so a seeded training loop stays deterministic."""
+        p, (_, height, width) = self.params, self.shape
+        n_bd = round(p.poison_ratio * len(x))
+        n_noise = min(round(p.cross_ratio * p.poison_ratio * len(x)), len(x) - n_bd)  # rounding can overshoot by 1
+        grid = self.grid(x.device)
+        noise = (torch.rand(n_noise, height, width, 2, generator=generator) * 2 - 1).to(x.device) / height
+        bd, noisy, clean = x[:n_bd], x[n_bd:n_bd + n_noise], x[n_bd + n_noise:]
+        x = torch.cat([self._warp(bd, grid), self._warp(noisy, (grid + noise).clamp(-1, 1)), clean])
+        return x, torch.cat([self.backdoor_labels(y[:n_bd]), y[n_bd:]])
+
+
 def _largest_ratio(count: int, n: int) -> float:
     """The largest ratio r with round(r·n) <= count, to `len(str(n))` decimals (finer than 1/n)."""
     scale = 10 ** len(str(n))
@@ -270,7 +368,7 @@ class ImportedAttack(Attack):
         return self.state["x_bd"], self.state["y_bd"], y_true
 
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blended, SIG, ImportedAttack)}
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blended, SIG, WaNet, ImportedAttack)}
 
 
 def _coerce(attack: str, field: dataclasses.Field, value):

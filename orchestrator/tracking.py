@@ -131,9 +131,11 @@ class TrialTracker:
                 self._client.log_batch(self.run_id, metrics=self._buffer)
         self._buffer = []
 
-    def finish(self) -> None:
-        """Send what is buffered and end the run FINISHED."""
+    def finish(self, artifacts: dict[str, str]) -> None:
+        """Send what is buffered, attach `artifacts` (file name -> text) and end the run FINISHED."""
         self.flush()
         if self._client is not None:
             with self._guard("ending the trial's run"):
+                for name, text in artifacts.items():
+                    self._client.log_text(self.run_id, text, name)
                 self._client.set_terminated(self.run_id, "FINISHED")

@@ -7,6 +7,7 @@ storage/checkpoints/<trial_id>/state.pt; a trial that finds that file continues 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -90,6 +91,8 @@ def run_trial(spec: TrialSpec, storage: Path, tracking: SweepTracking | None,
     write_row(storage / "results", row)
     final = {k: row[k] for k in ("acc_before", "asr_before", "ra_before", *latest, "seconds_sau", "seconds_total")}
     tracker.log(len(result.history), final, final=True)
-    tracker.finish()
+    history = "round,loss,clean,at,sar,seconds\n" + "".join(
+        f"{h.round},{h.loss},{h.clean},{h.at},{h.sar},{h.seconds}\n" for h in result.history)
+    tracker.finish({"history.csv": history, "row.json": json.dumps(row, default=str, indent=1)})
     shutil.rmtree(path.parent, ignore_errors=True)
     return row

@@ -81,6 +81,9 @@ def test_grid_sweep_writes_one_row_and_one_finished_run_per_trial(grid_sweep):
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
         assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == [2, 3]
         assert row["rounds_done"] == 3 and row["device"] == "cpu" and row["grid"] == "two-by-two"
+        assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["history.csv", "row.json"]
+        history = client.download_artifacts(run.info.run_id, "history.csv")
+        assert len(Path(history).read_text().splitlines()) == 1 + 3  # header and one line per round
     assert not any((storage / "checkpoints").iterdir())
 
 
