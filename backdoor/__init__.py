@@ -1,7 +1,7 @@
 """The substrate of the SAU experiments: data sets, attacks, architectures, training, metrics, records."""
 
 from .attacks import (ATTACKS, SIG, Attack, AttackError, BadNets, BadNetsParams, Blended, BlendedParams,
-                      SIGParams, make_attack)
+                      SIGParams, WaNet, WaNetParams, make_attack)
 from .data import DATASETS, DataError, ImageData, clean_subset, load_dataset, to_unit
 from .metrics import EvalSets, Metrics, der, eval_sets, evaluate
 from .models import ARCHS, ModelError, Normalize, build_model, check_fits
@@ -14,7 +14,8 @@ CODE_VERSION = "1"
 __all__ = [
     "ARCHS", "ATTACKS", "Attack", "AttackError", "BadNets", "BadNetsParams", "Blended", "BlendedParams",
     "CODE_VERSION", "DATASETS", "DataError", "EvalSets", "ImageData", "Metrics", "ModelError", "ModelRecord",
-    "Normalize", "RecipeError", "RecordError", "SIG", "SIGParams", "TrainRecipe", "build_model", "check_fits", "clean_subset", "der",
+    "Normalize", "RecipeError", "RecordError", "SIG", "SIGParams", "TrainRecipe", "WaNet", "WaNetParams",
+    "build_model", "check_fits", "clean_subset", "der",
     "eval_sets", "evaluate", "load_dataset", "load_record", "make_attack", "save_record", "to_unit",
     "train_backdoored",
 ]

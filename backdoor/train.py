@@ -1,4 +1,5 @@
-"""Training a backdoored model: poison once, then SGD with cosine annealing (BackdoorBench's recipe)."""
+"""Training a backdoored model: poison once (or every batch, for a training-controlled attack), then SGD with
+cosine annealing (BackdoorBench's recipe)."""
 
 from dataclasses import dataclass
 from typing import Callable
@@ -64,7 +65,11 @@ def _default_device() -> torch.device:
 
 def train_backdoored(data: ImageData, attack: Attack, arch: str, recipe: TrainRecipe, seed: int, *,
                      device=None, on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
-    """Train `arch` on the poisoned training set; deterministic on CPU for a given seed. Returns eval mode."""
+    """Train `arch` on the poisoned training set; deterministic on CPU for a given seed. Returns eval mode.
+
+    An `in_batch` attack poisons each batch after its crop and flip (BackdoorBench's WaNet augments after
+    poisoning instead), drawing its randomness from the same seeded generator as the shuffling and augmentation.
+    """
     device = torch.device(device) if device is not None else _default_device()
     x, y, _ = attack.poison_train(data.x_train, data.y_train, seed)
     x, y = x.to(device), y.to(device)
@@ -84,8 +89,10 @@ def train_backdoored(data: ImageData, attack: Attack, arch: str, recipe: TrainRe
         total = torch.zeros((), device=device)
         for step in range(steps):
             index = order[step * batch:(step + 1) * batch]
-            images = augment(x[index], generator, flip) if recipe.augment else x[index]
-            loss = F.cross_entropy(model(to_unit(images)), y[index])
+            images, labels = to_unit(augment(x[index], generator, flip) if recipe.augment else x[index]), y[index]
+            if attack.in_batch:
+                images, labels = attack.poison_batch(images, labels, generator)
+            loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
