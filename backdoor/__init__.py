@@ -6,7 +6,7 @@ from .data import DATASETS, DataError, ImageData, clean_subset, load_dataset, to
 from .metrics import EvalSets, Metrics, der, eval_sets, evaluate
 from .models import ARCHS, ModelError, Normalize, build_model, check_fits
 from .record import ModelRecord, RecordError, load_record, save_record
-from .train import RecipeError, TrainRecipe, train_backdoored
+from .train import RecipeError, TrainRecipe, train_backdoored, train_record
 
 # Part of every backdoored model's content hash: bump it when a change here alters trained models.
 CODE_VERSION = "1"
@@ -17,5 +17,5 @@ __all__ = [
     "Normalize", "RecipeError", "RecordError", "SIG", "SIGParams", "TrainRecipe", "WaNet", "WaNetParams",
     "build_model", "check_fits", "clean_subset", "der",
     "eval_sets", "evaluate", "load_dataset", "load_record", "make_attack", "save_record", "to_unit",
-    "train_backdoored",
+    "train_backdoored", "train_record",
 ]

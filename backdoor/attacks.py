@@ -46,7 +46,7 @@ class SIGParams(PoisonParams):
 @dataclass(frozen=True)
 class WaNetParams(PoisonParams):
     grid_k: int = 4  # side of the random control grid
-    strength: float = 0.5  # s: the warp moves pixels by up to about s·max|field|/H in grid units
+    strength: float = 0.5  # s: sampling points move by s·field/H in grid_sample's [-1, 1] coordinates
     cross_ratio: float = 2.0  # noise-mode samples per backdoor sample in each batch
     grid_seed: int = 0
 
@@ -155,7 +155,7 @@ class BadNets(Attack):
             self.fail("pattern", f"must be white or checkerboard, got {p.pattern!r}")
 
     def make_state(self) -> dict[str, torch.Tensor]:
-        p, (channels, height, width) = self.params, self.shape
+        p, (_, height, width) = self.params, self.shape
         size = p.patch_size
         top = height - size if p.position.startswith("bottom") else 0
         left = width - size if p.position.endswith("right") else 0

@@ -162,7 +162,8 @@ def _torchvision(name: str, root: Path, download: bool) -> ImageData:
                        torch.as_tensor(split.targets, dtype=torch.int64)) for split in splits]
     except (RuntimeError, OSError) as error:
         where = getattr(error, "filename", None) or root / folder  # the missing file, where the error names one
-        reason = f"download failed ({error})" if download else "not found or incomplete (downloading is off: --download or download: true allows it)"
+        reason = (f"download failed ({error})" if download else
+                  "not found or incomplete (downloading is off: --download or download: true allows it)")
         raise DataError(f"dataset {name}: {where}: {reason}".splitlines()[0]) from None
     (x_train, y_train), (x_test, y_test) = arrays
     return _make(name, x_train, y_train, x_test, y_test, norm)

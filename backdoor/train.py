@@ -1,6 +1,7 @@
 """Training a backdoored model: poison once (or every batch, for a training-controlled attack), then SGD with
 cosine annealing (BackdoorBench's recipe)."""
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -10,7 +11,9 @@ from torch import nn
 
 from .attacks import Attack
 from .data import ImageData, to_unit
+from .metrics import Metrics, eval_sets, evaluate
 from .models import build_model
+from .record import ModelRecord, save_record
 
 
 class RecipeError(ValueError):
@@ -101,3 +104,16 @@ def train_backdoored(data: ImageData, attack: Attack, arch: str, recipe: TrainRe
         if on_epoch is not None:
             on_epoch(epoch, float(total) / steps)
     return model.eval()
+
+
+def train_record(data: ImageData, attack: Attack, arch: str, recipe: TrainRecipe, seed: int, directory, *,
+                 device=None, on_epoch: Callable[[int, float], None] | None = None) -> Metrics:
+    """Train the backdoored model, evaluate it, and save both as a model record in `directory`."""
+    device = torch.device(device) if device is not None else _default_device()
+    model = train_backdoored(data, attack, arch, recipe, seed, device=device, on_epoch=on_epoch)
+    metrics = evaluate(model, eval_sets(data, attack), device=device)
+    record = ModelRecord(arch=arch, num_classes=data.num_classes, shape=data.shape, mean=data.mean, std=data.std,
+                         dataset=data.name, attack=attack.name, attack_params=dataclasses.asdict(attack.params),
+                         seed=seed, recipe=dataclasses.asdict(recipe), metrics=dataclasses.asdict(metrics))
+    save_record(directory, model.cpu(), attack, record)
+    return metrics

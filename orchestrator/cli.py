@@ -13,7 +13,7 @@ import torch
 import backdoor
 from backdoor import (AttackError, DataError, ModelError, RecipeError, RecordError, TrainRecipe, check_fits,
                       clean_subset, der, eval_sets, evaluate, load_dataset, load_record, make_attack, save_record,
-                      to_unit, train_backdoored)
+                      to_unit, train_record)
 from backdoor.backdoorbench import BackdoorBenchError, import_backdoorbench
 from backdoor.record import ModelRecord
 from sau_kernel import SAUConfig, SAUConfigError, purify
@@ -102,15 +102,8 @@ def cmd_attack(args: argparse.Namespace) -> None:
     data = load_dataset(args.dataset, root=args.data_root, download=args.download)
     attack = make_attack(args.attack, parse_params(args.param), data.shape, data.num_classes)
     check_fits(args.arch, data.shape, data.num_classes)  # fail before training, not in its first step
-    device = device_of(args.device)
-    model = train_backdoored(data, attack, args.arch, recipe, args.seed, device=device,
-                             on_epoch=lambda epoch, loss: print(f"epoch {epoch}: loss {loss:.4f}", file=sys.stderr))
-    metrics = evaluate(model, eval_sets(data, attack), device=device)
-    record = ModelRecord(arch=args.arch, num_classes=data.num_classes, shape=data.shape, mean=data.mean,
-                         std=data.std, dataset=args.dataset, attack=args.attack,
-                         attack_params=asdict(attack.params), seed=args.seed, recipe=asdict(recipe),
-                         metrics=asdict(metrics))
-    save_record(out, model.cpu(), attack, record)
+    metrics = train_record(data, attack, args.arch, recipe, args.seed, out, device=device_of(args.device),
+                           on_epoch=lambda epoch, loss: print(f"epoch {epoch}: loss {loss:.4f}", file=sys.stderr))
     emit(asdict(metrics), [f"model record: {out}",
                            f"ACC {pct(metrics.acc)}  ASR {pct(metrics.asr)}  RA {pct(metrics.ra)}"], args.json)
 

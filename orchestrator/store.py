@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import ray
-import torch
 
-from backdoor import (TrainRecipe, eval_sets, evaluate, load_dataset, make_attack, save_record,
-                      train_backdoored)
-from backdoor.record import ModelRecord
+from backdoor import TrainRecipe, load_dataset, make_attack, train_record
 
 from .spec import Resources, TrialSpec
 
@@ -22,17 +18,9 @@ class StoreError(ValueError):
 
 def train_model(spec: TrialSpec, directory: Path) -> None:
     """Train the backdoored model `spec` needs and save it as a model record in `directory` (atomically)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = load_dataset(spec.dataset.name, root=spec.dataset.root, download=spec.dataset.download)
     attack = make_attack(spec.attack.name, spec.attack.params, data.shape, data.num_classes)
-    recipe = TrainRecipe(**spec.training)
-    model = train_backdoored(data, attack, spec.arch, recipe, spec.seed, device=device)
-    metrics = evaluate(model, eval_sets(data, attack), device=device)
-    record = ModelRecord(arch=spec.arch, num_classes=data.num_classes, shape=data.shape, mean=data.mean,
-                         std=data.std, dataset=spec.dataset.name, attack=spec.attack.name,
-                         attack_params=asdict(attack.params), seed=spec.seed, recipe=asdict(recipe),
-                         metrics=asdict(metrics))
-    save_record(directory, model.cpu(), attack, record)
+    train_record(data, attack, spec.arch, TrainRecipe(**spec.training), spec.seed, directory)
 
 
 def ensure_models(specs: list[TrialSpec], models_dir: Path, resources: Resources,

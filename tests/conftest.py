@@ -1,9 +1,15 @@
-"""Shared fixtures: tiny grid specs on the bundled digits data set (seconds per trial on a CPU)."""
+"""Shared fixtures: tiny grid specs on the bundled digits data set (seconds per trial on a CPU), and a slice
+of the real CIFAR-10 images in ../shared/data."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
+
+from backdoor import load_dataset
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 TINY_GRID = {
     "name": "tiny",
@@ -30,3 +36,13 @@ def write_grid(tmp_path_factory):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def cifar_slice():
+    """The CIFAR-10 subset with its first 1,000 training images: a few epochs of cnn-small take seconds."""
+    path = SHARED_DATA / "cifar10_subset.npz"
+    if not path.exists():
+        pytest.skip(f"{path} is absent (real images live in ../shared/data beside the repository)")
+    full = load_dataset(f"npz:{path}")
+    return replace(full, x_train=full.x_train[:1000], y_train=full.y_train[:1000])

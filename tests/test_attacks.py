@@ -51,8 +51,8 @@ def test_blended_formula_and_seeded_pattern():
     assert not torch.equal(other.state_dict()["pattern"], pattern)
 
 
-# An imported attack cannot poison; clean-label SIG is tested in tests/test_sig.py.
-@pytest.mark.parametrize("name", sorted(set(ATTACKS) - {"imported", "sig"}))
+# An imported attack cannot poison; clean-label SIG and in-batch WaNet have their own test files.
+@pytest.mark.parametrize("name", sorted(set(ATTACKS) - {"imported", "sig", "wanet"}))
 def test_poison_train_count_labels_and_determinism(name):
     attack = make_attack(name, {"target": 2, "poison_ratio": 0.15}, SHAPE, 10)
     x, y = images(100), torch.arange(100) % 10
@@ -99,7 +99,7 @@ def test_all2all_labels():
     ("blended", {"alpha": 1.2}, "attack blended: alpha: must be in (0, 1]"),
     ("blended", {"poison_ratio": "0.1"}, "attack blended: poison_ratio: expected float"),
     ("blended", {"target": True}, "attack blended: target: expected int"),
-    ("wanet", {}, "attack wanet: name: unknown attack"),
+    ("bpp", {}, "attack bpp: name: unknown attack"),
 ])
 def test_invalid_parameters(name, params, message):
     with pytest.raises(AttackError) as info:

@@ -1,16 +1,14 @@
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from backdoor import SIG, TrainRecipe, eval_sets, evaluate, load_dataset, train_backdoored
+from backdoor import SIG, TrainRecipe, eval_sets, evaluate, train_backdoored
 from backdoor.attacks import AttackError, make_attack
 from orchestrator.spec import expand, load_grid
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def images(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
@@ -135,14 +133,10 @@ def test_grid_accepts_sig(write_grid):
     assert attacks[1].params["delta"] == 30.0 and attacks[1].params["frequency"] == 3
 
 
-def test_training_implants_a_working_backdoor():
+def test_training_implants_a_working_backdoor(cifar_slice):
     # On 8x8 digits class 0 is too easy to tell apart for the signal to matter (ASR stays near 0 with the
     # default delta), so this uses a slice of the CIFAR-10 subset, the setting SIG was designed for.
-    path = DATA / "cifar10_subset.npz"
-    if not path.exists():
-        pytest.skip(f"{path} is absent")
-    full = load_dataset(f"npz:{path}")
-    data = replace(full, x_train=full.x_train[:1000], y_train=full.y_train[:1000])
+    data = cifar_slice
     attack = make_attack("sig", {}, data.shape, data.num_classes)
     model = train_backdoored(data, attack, "cnn-small", TrainRecipe(epochs=5, lr=0.05, batch_size=64), seed=0)
     sets = eval_sets(data, attack)

@@ -136,7 +136,7 @@ BAD = [
     (quickstart(sau={"clean_ratio": 1.5}), "sau.clean_ratio: must be in (0, 1]"),
     (quickstart(sau={"seed": 1}), "sau.seed: unknown SAU field"),
     (quickstart(sau={"rounds": "many"}), "sau.rounds: Input should be a valid integer"),
-    (quickstart(attacks=[{"name": "badnets"}, {"name": "wanet"}]), "attacks[1].name: unknown attack 'wanet'"),
+    (quickstart(attacks=[{"name": "badnets"}, {"name": "bpp"}]), "attacks[1].name: unknown attack 'bpp'"),
     (quickstart(attacks=[{"name": "badnets"}, {"name": "blended", "size": 3}]),
      "attacks[1].size: unknown parameter of blended"),
     (quickstart(attacks=[{"name": "badnets"}, {"name": "badnets", "patch_size": 3}]), "attacks[1]: same as item 0"),
