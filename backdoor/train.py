@@ -66,15 +66,35 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def train_clean(data: ImageData, arch: str, recipe: TrainRecipe, seed: int, *, device=None) -> nn.Module:
+    """Train `arch` on the clean training set with the same recipe and seeding as a backdoored model."""
+    device = torch.device(device) if device is not None else _default_device()
+    return _fit(data, data.x_train, data.y_train, arch, recipe, seed, device)
+
+
 def train_backdoored(data: ImageData, attack: Attack, arch: str, recipe: TrainRecipe, seed: int, *,
                      device=None, on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
     """Train `arch` on the poisoned training set; deterministic on CPU for a given seed. Returns eval mode.
+
+    An attack whose trigger is computed from a clean model (`needs_model`) and has none yet gets one first:
+    a clean model is trained for the attack's `clean_epochs` with this recipe and seed, and `attack.prepare`
+    sets the trigger, which then travels with `attack` (into the model record, for instance).
 
     An `in_batch` attack poisons each batch after its crop and flip (BackdoorBench's WaNet augments after
     poisoning instead), drawing its randomness from the same seeded generator as the shuffling and augmentation.
     """
     device = torch.device(device) if device is not None else _default_device()
+    if attack.needs_model and not attack.state:
+        clean_recipe = dataclasses.replace(recipe, epochs=attack.params.clean_epochs)
+        attack.prepare(train_clean(data, arch, clean_recipe, seed, device=device), data, seed)
     x, y, _ = attack.poison_train(data.x_train, data.y_train, seed)
+    return _fit(data, x, y, arch, recipe, seed, device, attack.poison_batch if attack.in_batch else None, on_epoch)
+
+
+def _fit(data: ImageData, x: torch.Tensor, y: torch.Tensor, arch: str, recipe: TrainRecipe, seed: int,
+         device: torch.device, poison_batch: Callable | None = None,
+         on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
+    """The training loop: a seeded model, SGD with cosine annealing, optional per-batch poisoning."""
     x, y = x.to(device), y.to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -93,8 +113,8 @@ def train_backdoored(data: ImageData, attack: Attack, arch: str, recipe: TrainRe
         for step in range(steps):
             index = order[step * batch:(step + 1) * batch]
             images, labels = to_unit(augment(x[index], generator, flip) if recipe.augment else x[index]), y[index]
-            if attack.in_batch:
-                images, labels = attack.poison_batch(images, labels, generator)
+            if poison_batch is not None:
+                images, labels = poison_batch(images, labels, generator)
             loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -102,9 +102,9 @@ def _searcher(grid: GridSpec, storage: Path) -> ConcurrencyLimiter:
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
 
 
-def _run_trials(grid: GridSpec, storage: Path, tracking: SweepTracking | None, out) -> list[str]:
+def _run_trials(grid: GridSpec, storage: Path, tracking: SweepTracking | None, out) -> tuple[list[str], int]:
     """Train the missing models (stage 1), then run the trials still to do on Ray Tune (stage 2);
-    returns one line per failed trial."""
+    returns one line per failed trial, and how many trials Tune stopped unfinished (Ctrl-C)."""
     finished = finished_ids(storage / "results")
     if grid.search is None:
         todo = {s.trial_id: s for s in expand(grid) if s.trial_id not in finished}
@@ -118,7 +118,7 @@ def _run_trials(grid: GridSpec, storage: Path, tracking: SweepTracking | None, o
         param_space, searcher = {}, _searcher(grid, storage)
     out(f"{grid.name}: {max(total, 0)} trials to run, {len(finished)} already finished")
     if total <= 0:
-        return []
+        return [], 0
     ensure_models(specs, storage / "models", grid.resources, out)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": grid.resources.cpu, "gpu": grid.resources.gpu}),
@@ -128,12 +128,13 @@ def _run_trials(grid: GridSpec, storage: Path, tracking: SweepTracking | None, o
         run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str(storage / "tune"),
                                   failure_config=tune.FailureConfig(max_failures=2), verbose=0,
                                   callbacks=[Finished(out, total)]))
-    failed = []
-    for result in tuner.fit():
-        if result.error is not None:
-            trial = result.config.get("trial_id") or json.dumps(result.config)
-            failed.append(f"trial {trial}: {getattr(result.error, 'cause', None) or result.error!r}")
-    return failed
+    results = tuner.fit()
+    failed = [f"trial {r.config.get('trial_id') or json.dumps(r.config)}: "
+              f"{getattr(r.error, 'cause', None) or r.error!r}" for r in results if r.error is not None]
+    # On Ctrl-C Tune stops the trials and returns normally: a trial without error and without row did not finish.
+    rows = finished_ids(storage / "results")
+    unfinished = sum(r.error is None and r.metrics.get("trial") not in rows for r in results)
+    return failed, unfinished
 
 
 def _check_against_data(grid: GridSpec) -> None:
@@ -184,7 +185,7 @@ def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | Non
             "grid": grid.name, "sweep": sweep_name, "tracking_uri": uri,
             "experiment_id": tracking and tracking.experiment_id,
             "parent_run_id": tracking and tracking.parent_run_id}, indent=2) + "\n")
-        failed = _run_trials(grid, storage, tracking, out)
+        failed, unfinished = _run_trials(grid, storage, tracking, out)
     except BaseException:
         close_sweep(tracking, [], "FAILED")
         raise
@@ -204,10 +205,12 @@ def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | Non
             out(f"Pareto front ({len(front)} of {len(df)} trials):\n{format_table(front)}")
             _write_atomic(storage / "pareto.csv", front.to_csv(index=False))
             artifacts.append(storage / "pareto.csv")
-        close_sweep(tracking, artifacts, "FAILED" if failed else "FINISHED")
+        close_sweep(tracking, artifacts, "FAILED" if failed else "KILLED" if unfinished else "FINISHED")
     for line in failed:
         out(line)
     if failed:
         raise SweepError(f"{len(failed)} of the trials failed, first {failed[0]}; "
                          "fix the cause and pass --resume to rerun them")
+    if unfinished:
+        raise SweepError(f"interrupted with {unfinished} trials unfinished; pass --resume to continue them")
     return df

@@ -105,6 +105,12 @@ class TrialTracker:
                 history = self._client.get_metric_history(run_id, "loss")
                 self._logged = max((m.step for m in history), default=0)
             else:
+                # A trial that starts over (no checkpoint yet) replaces the run an interrupted attempt left.
+                stale = self._client.search_runs(
+                    [tracking.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{tracking.parent_run_id}' and "
+                                              f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and attributes.status != 'FINISHED'")
+                for run in stale:
+                    self._client.delete_run(run.info.run_id)
                 tags = {MLFLOW_PARENT_RUN_ID: tracking.parent_run_id, TRIAL_ID_TAG: trial_id}
                 run_id = self._client.create_run(tracking.experiment_id, run_name=trial_id, tags=tags).info.run_id
                 self._client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])

@@ -1,12 +1,15 @@
 """The `sau` command as a user runs it: real processes, real files, exit codes and what they print."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from backdoor import load_record
 
@@ -137,3 +140,29 @@ def test_every_command_has_help():
     for command in ([], ["run"], ["attack"], ["purify"], ["report"]):
         result = sau(*command, "--help")
         assert result.returncode == 0 and "usage: sau" in result.stdout
+
+
+def test_ctrl_c_stops_the_sweep_with_an_error_and_resume_finishes_it(write_grid, tmp_path):
+    path = write_grid(name="interrupted", attacks=[{"name": "badnets"}, {"name": "blended"}],
+                      sau={"eps": [0.1, 0.2], "rounds": 6})
+    storage = tmp_path / "sweep"
+    run = subprocess.Popen([*SAU, "run", str(path), "--storage", str(storage)], cwd=REPO, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (storage / "results").is_dir() or not any((storage / "results").glob("*.parquet")):
+        assert run.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be stopped"
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=300)
+    rows = len(list((storage / "results").glob("*.parquet")))
+    assert rows < 4  # two trials run at a time: at the first row, at least two were still to finish
+    assert run.returncode == 2 and f"interrupted with {4 - rows} trials unfinished" in stderr, stderr
+
+    resumed = sau("run", str(path), "--storage", str(storage), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{4 - rows} trials to run, {rows} already finished" in resumed.stdout
+    info = json.loads((storage / "sweep.json").read_text())
+    runs = MlflowClient(info["tracking_uri"]).search_runs(
+        [info["experiment_id"]], f"tags.`mlflow.parentRunId` = '{info['parent_run_id']}'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4  # interrupted attempts left no run behind
+    assert len({r.data.tags["sau.trial_id"] for r in runs}) == 4
