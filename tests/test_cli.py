@@ -66,7 +66,7 @@ def test_purify_prints_before_and_after_and_writes_the_purified_record(digits_re
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["attack", "--dataset", "digits", "--attack", "trojan", "--arch", "cnn-small"], ["trojan", "unknown attack"]),
+    (["attack", "--dataset", "digits", "--attack", "nosuch", "--arch", "cnn-small"], ["nosuch", "unknown attack"]),
     (["attack", "--dataset", "digits", "--attack", "badnets", "--param", "patch_size=9", "--arch", "cnn-small"],
      ["patch_size"]),
     (["attack", "--dataset", "digits", "--attack", "badnets", "--arch", "resnet999"], ["resnet999"]),
