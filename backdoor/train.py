@@ -62,13 +62,14 @@ def augment(x: torch.Tensor, generator: torch.Generator, flip: bool) -> torch.Te
     return out
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device(device) -> torch.device:
+    """`device`, or CUDA where there is one."""
+    return torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def train_clean(data: ImageData, arch: str, recipe: TrainRecipe, seed: int, *, device=None) -> nn.Module:
     """Train `arch` on the clean training set with the same recipe and seeding as a backdoored model."""
-    device = torch.device(device) if device is not None else _default_device()
+    device = _device(device)
     return _fit(data, data.x_train, data.y_train, arch, recipe, seed, device)
 
 
@@ -83,7 +84,7 @@ def train_backdoored(data: ImageData, attack: Attack, arch: str, recipe: TrainRe
     An `in_batch` attack poisons each batch after its crop and flip (BackdoorBench's WaNet augments after
     poisoning instead), drawing its randomness from the same seeded generator as the shuffling and augmentation.
     """
-    device = torch.device(device) if device is not None else _default_device()
+    device = _device(device)
     if attack.needs_model and not attack.state:
         clean_recipe = dataclasses.replace(recipe, epochs=attack.params.clean_epochs)
         attack.prepare(train_clean(data, arch, clean_recipe, seed, device=device), data, seed)
@@ -129,7 +130,7 @@ def _fit(data: ImageData, x: torch.Tensor, y: torch.Tensor, arch: str, recipe: T
 def train_record(data: ImageData, attack: Attack, arch: str, recipe: TrainRecipe, seed: int, directory, *,
                  device=None, on_epoch: Callable[[int, float], None] | None = None) -> Metrics:
     """Train the backdoored model, evaluate it, and save both as a model record in `directory`."""
-    device = torch.device(device) if device is not None else _default_device()
+    device = _device(device)
     model = train_backdoored(data, attack, arch, recipe, seed, device=device, on_epoch=on_epoch)
     metrics = evaluate(model, eval_sets(data, attack), device=device)
     record = ModelRecord(arch=arch, num_classes=data.num_classes, shape=data.shape, mean=data.mean, std=data.std,
