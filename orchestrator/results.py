@@ -18,6 +18,12 @@ class ResultsError(ValueError):
     """Results that cannot be read or shown; the message is one line."""
 
 
+def read_row(results_dir: Path, trial_id: str) -> dict | None:
+    """The row of `trial_id`, or None if it has none."""
+    path = Path(results_dir) / f"{trial_id}.parquet"
+    return pq.read_table(path).to_pylist()[0] if path.exists() else None
+
+
 def write_row(results_dir: Path, row: dict) -> Path:
     """Write `row` to results_dir/<trial_id>.parquet atomically: a crash leaves no partial row."""
     results_dir = Path(results_dir)

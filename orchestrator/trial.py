@@ -22,7 +22,7 @@ import torch
 from backdoor import Metrics, clean_subset, der, eval_sets, evaluate, load_dataset, load_record, to_unit
 from sau_kernel import Progress, purify
 
-from .results import write_row
+from .results import read_row, write_row
 from .spec import TrialSpec
 from .tracking import SweepTracking, TrialTracker
 
@@ -48,6 +48,12 @@ def run_trial(spec: TrialSpec, storage: Path, tracking: SweepTracking | None,
 
     `report` receives, after every round, the round's losses and the latest evaluated metrics under the
     row's names (acc_after, asr_after, ra_after, der; before the first evaluation: the model's own)."""
+    done = read_row(storage / "results", spec.trial_id)
+    if done is not None:  # finished by another attempt: a repeated search sample, or one that outlived its sweep
+        if report is not None:
+            report({"round": done["rounds_done"], **{k: done[k] for k in ("acc_after", "asr_after", "ra_after",
+                                                                             "der")}})
+        return done
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, attack, record = load_record(storage / "models" / spec.model_key)

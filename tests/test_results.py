@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator import results
-from orchestrator.results import ResultsError, finished_ids, format_table, pareto_front, read_results, write_row
+from orchestrator.results import (ResultsError, finished_ids, format_table, pareto_front, read_results, read_row,
+                                 write_row)
 
 
 def row(trial_id, eps=0.1, seed=0, acc=(0.972, 0.951), asr=(1.0, 0.02), ra=(0.0, 0.9), der=0.979, **extra):
@@ -98,3 +99,10 @@ def test_pareto_front():
     assert set(pareto_front(df, [("acc_after", "min"), ("asr_after", "max")]).index) == {"b", "d", "f"}
     with pytest.raises(ResultsError, match="mode must be max or min"):
         pareto_front(df, [("acc_after", "up")])
+
+
+def test_read_row_returns_the_row_of_one_trial_or_none(tmp_path):
+    row = {"trial_id": "abc123", "attack": "badnets", "acc_after": 0.5, "rounds_done": 3}
+    write_row(tmp_path, row)
+    assert read_row(tmp_path, "abc123") == row
+    assert read_row(tmp_path, "missing") is None
