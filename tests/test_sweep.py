@@ -116,11 +116,11 @@ def listening_addresses(pids: list[int]) -> list[str]:
 
 
 def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
-    # Long and short trials run side by side (2 CPUs), so at the kill a long one holds a checkpoint.
-    path = write_grid(name="killed", sau={"eps": [0.1, 0.2], "rounds": [12, 2]})
+    # Long and short trials run side by side (2 CPUs), so at the kill a long one holds an early checkpoint.
+    path = write_grid(name="killed", sau={"eps": [0.1, 0.2], "rounds": [30, 2]})
     storage = tmp_path / "sweep"
     specs = {s.trial_id: s for s in expand(load_grid(path))}
-    long_trials = [storage / "checkpoints" / i / "state.pt" for i, s in specs.items() if s.sau["rounds"] == 12]
+    long_trials = [storage / "checkpoints" / i / "state.pt" for i, s in specs.items() if s.sau["rounds"] == 30]
     script = tmp_path / "sweep.py"
     script.write_text(textwrap.dedent(f"""
         from pathlib import Path
