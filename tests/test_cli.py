@@ -1,6 +1,7 @@
 """The `sau` command as a user runs it: real processes, real files, exit codes and what they print."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -156,11 +157,14 @@ def test_ctrl_c_stops_the_sweep_with_an_error_and_resume_finishes_it(write_grid,
     _, stderr = run.communicate(timeout=300)
     rows = len(list((storage / "results").glob("*.parquet")))
     assert rows < 4  # two trials run at a time: at the first row, at least two were still to finish
-    assert run.returncode == 2 and f"interrupted with {4 - rows} trials unfinished" in stderr, stderr
+    # A stopped trial may still finish in a worker that outlives the driver, so counts are read, not assumed.
+    unfinished = re.search(r"interrupted with (\d+) trials unfinished; pass --resume", stderr)
+    assert run.returncode == 2 and unfinished and int(unfinished[1]) >= 4 - rows, stderr
 
     resumed = sau("run", str(path), "--storage", str(storage), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert f"{4 - rows} trials to run, {rows} already finished" in resumed.stdout
+    counts = re.search(r"(\d+) trials to run, (\d+) already finished", resumed.stdout)
+    assert counts and int(counts[1]) + int(counts[2]) == 4 and int(counts[2]) >= rows, resumed.stdout
     info = json.loads((storage / "sweep.json").read_text())
     runs = MlflowClient(info["tracking_uri"]).search_runs(
         [info["experiment_id"]], f"tags.`mlflow.parentRunId` = '{info['parent_run_id']}'")
