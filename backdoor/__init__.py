@@ -1,7 +1,8 @@
 """The substrate of the SAU experiments: data sets, attacks, architectures, training, metrics, records."""
 
-from .attacks import (ATTACKS, LF, SIG, Attack, AttackError, BadNets, BadNetsParams, Blended, BlendedParams,
-                      LFParams, SIGParams, Trojan, TrojanParams, WaNet, WaNetParams, make_attack)
+from .attacks import (ATTACKS, LF, SIG, SSBA, Attack, AttackError, BadNets, BadNetsParams, Blended, BlendedParams,
+                      InputAware, InputAwareParams, LFParams, SIGParams, SSBAParams, Trojan, TrojanParams, WaNet,
+                      WaNetParams, make_attack)
 from .data import DATASETS, DataError, ImageData, clean_subset, load_dataset, to_unit
 from .metrics import EvalSets, Metrics, der, eval_sets, evaluate
 from .models import ARCHS, ModelError, Normalize, build_model, check_fits
@@ -13,8 +14,8 @@ CODE_VERSION = "1"
 
 __all__ = [
     "ARCHS", "ATTACKS", "Attack", "AttackError", "BadNets", "BadNetsParams", "Blended", "BlendedParams",
-    "CODE_VERSION", "DATASETS", "DataError", "EvalSets", "ImageData", "LF", "LFParams", "Metrics", "ModelError",
-    "ModelRecord", "Normalize", "RecipeError", "RecordError", "SIG", "SIGParams", "TrainRecipe", "Trojan",
+    "CODE_VERSION", "DATASETS", "DataError", "EvalSets", "ImageData", "InputAware", "InputAwareParams", "LF", "LFParams", "Metrics", "ModelError",
+    "ModelRecord", "Normalize", "RecipeError", "RecordError", "SIG", "SIGParams", "SSBA", "SSBAParams", "TrainRecipe", "Trojan",
     "TrojanParams", "WaNet", "WaNetParams",
     "build_model", "check_fits", "clean_subset", "der",
     "eval_sets", "evaluate", "load_dataset", "load_record", "make_attack", "save_record", "to_unit",

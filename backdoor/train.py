@@ -79,21 +79,26 @@ def train_backdoored(data: ImageData, attack: Attack, arch: str, recipe: TrainRe
 
     An attack whose trigger is computed from a clean model (`needs_model`) and has none yet gets one first:
     a clean model is trained for the attack's `clean_epochs` with this recipe and seed, and `attack.prepare`
-    sets the trigger, which then travels with `attack` (into the model record, for instance).
+    sets the trigger, which then travels with `attack` (into the model record, for instance). An attack whose
+    trigger is a network (`learns_trigger`) and has none yet trains it first (`attack.learn`) on the clean
+    training images, with this batch size and seed.
 
     An `in_batch` attack poisons each batch after its crop and flip (BackdoorBench's WaNet augments after
-    poisoning instead), drawing its randomness from the same seeded generator as the shuffling and augmentation.
+    poisoning instead), drawing its randomness from the same seeded generator as the shuffling and augmentation;
+    its own loss term joins the classifier's and its own optimizers step with the classifier's.
     """
     device = _device(device)
     if attack.needs_model and not attack.state:
         clean_recipe = dataclasses.replace(recipe, epochs=attack.params.clean_epochs)
         attack.prepare(train_clean(data, arch, clean_recipe, seed, device=device), data, seed)
+    if attack.learns_trigger and not attack.state:
+        attack.learn(data, seed, batch_size=recipe.batch_size, device=device)
     x, y, _ = attack.poison_train(data.x_train, data.y_train, seed)
-    return _fit(data, x, y, arch, recipe, seed, device, attack.poison_batch if attack.in_batch else None, on_epoch)
+    return _fit(data, x, y, arch, recipe, seed, device, attack if attack.in_batch else None, on_epoch)
 
 
 def _fit(data: ImageData, x: torch.Tensor, y: torch.Tensor, arch: str, recipe: TrainRecipe, seed: int,
-         device: torch.device, poison_batch: Callable | None = None,
+         device: torch.device, in_batch: Attack | None = None,
          on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
     """The training loop: a seeded model, SGD with cosine annealing, optional per-batch poisoning."""
     x, y = x.to(device), y.to(device)
@@ -104,6 +109,7 @@ def _fit(data: ImageData, x: torch.Tensor, y: torch.Tensor, arch: str, recipe: T
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
+    optimizers = [optimizer, *(in_batch.optimizers() if in_batch is not None else [])]
     batch = min(recipe.batch_size, len(x))
     steps = len(x) // batch  # drop the last partial batch, as BackdoorBench does
     flip = data.channels == 3  # digits must not be mirrored
@@ -114,12 +120,15 @@ def _fit(data: ImageData, x: torch.Tensor, y: torch.Tensor, arch: str, recipe: T
         for step in range(steps):
             index = order[step * batch:(step + 1) * batch]
             images, labels = to_unit(augment(x[index], generator, flip) if recipe.augment else x[index]), y[index]
-            if poison_batch is not None:
-                images, labels = poison_batch(images, labels, generator)
-            loss = F.cross_entropy(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
+            loss = torch.zeros((), device=device)
+            if in_batch is not None:
+                images, labels, loss = in_batch.poison_batch(images, labels, generator)
+            loss = loss + F.cross_entropy(model(images), labels)
+            for each in optimizers:
+                each.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            for each in optimizers:
+                each.step()
             total += loss.detach()
         scheduler.step()
         if on_epoch is not None:

@@ -51,10 +51,11 @@ def test_blended_formula_and_seeded_pattern():
     assert not torch.equal(other.state_dict()["pattern"], pattern)
 
 
-# An imported attack cannot poison; clean-label SIG, in-batch WaNet and the attacks whose trigger needs a clean
-# model have their own test files.
+# An imported attack cannot poison; clean-label SIG, the in-batch attacks and those whose trigger needs a clean
+# model or trained networks have their own test files.
 @pytest.mark.parametrize("name", sorted(name for name, cls in ATTACKS.items()
-                                        if not cls.needs_model and name not in {"imported", "sig", "wanet"}))
+                                        if not (cls.needs_model or cls.learns_trigger or cls.in_batch)
+                                        and name not in {"imported", "sig"}))
 def test_poison_train_count_labels_and_determinism(name):
     attack = make_attack(name, {"target": 2, "poison_ratio": 0.15}, SHAPE, 10)
     x, y = images(100), torch.arange(100) % 10

@@ -2,6 +2,7 @@ import copy
 import hashlib
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import yaml
@@ -195,3 +196,20 @@ def test_load_grid_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(SpecError):
         load_grid(bad)
     assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+PAPER_GRIDS = {  # file: (trials, distinct backdoored models)
+    "paper-cifar10.yaml": (8, 8), "paper-gtsrb.yaml": (8, 8), "paper-tiny.yaml": (8, 8),
+    "paper-archs.yaml": (20, 20), "paper-clean-ratio.yaml": (32, 8), "paper-eps.yaml": (40, 8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_GRIDS))
+def test_paper_grids_are_valid_and_cover_every_attack(name):
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    trials = list(expand(load_grid(experiments / name)))
+    assert (len(trials), len({trial.model_key for trial in trials})) == PAPER_GRIDS[name]
+    attacks = {trial.attack.name for trial in trials}
+    expected = {"badnets", "blended", "sig", "wanet"} if name == "paper-archs.yaml" else \
+        {"badnets", "blended", "sig", "wanet", "inputaware", "lf", "ssba", "trojan"}
+    assert attacks == expected

@@ -60,7 +60,8 @@ def test_poison_batch_parts_labels_and_determinism(label_mode, expected_bd):
     attack = make_attack("wanet", {"target": 3, "label_mode": label_mode}, SHAPE, 10)
     raw, y = images(40), torch.arange(40) % 10
     x = to_unit(raw)
-    px, py = attack.poison_batch(x, y, torch.Generator().manual_seed(0))
+    px, py, extra = attack.poison_batch(x, y, torch.Generator().manual_seed(0))
+    assert extra.item() == 0  # WaNet trains nothing of its own
     assert px.shape == x.shape and px.dtype == torch.float32 and py.dtype == torch.int64
     # round(0.1·40) = 4 backdoor samples, round(2·0.1·40) = 8 noise-mode samples, 28 clean ones.
     assert py[:4].tolist() == expected_bd and torch.equal(py[4:], y[4:])
@@ -80,7 +81,7 @@ def test_poison_batch_parts_labels_and_determinism(label_mode, expected_bd):
 def test_poison_batch_counts_round_and_fit_the_batch():
     attack = make_attack("wanet", {"poison_ratio": 0.5, "cross_ratio": 1.0}, SHAPE, 10)
     x, y = to_unit(images(7)), torch.arange(7) + 1
-    px, py = attack.poison_batch(x, y, torch.Generator().manual_seed(0))
+    px, py, _ = attack.poison_batch(x, y, torch.Generator().manual_seed(0))
     # round(3.5) = 4 backdoor samples leave 3 for noise mode, not round(3.5) = 4.
     assert len(px) == 7 and py.tolist() == [0, 0, 0, 0, 5, 6, 7]
     none = make_attack("wanet", {"poison_ratio": 0.0}, SHAPE, 10)
