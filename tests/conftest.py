@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backdoor import load_dataset
+from backdoor import TrainRecipe, load_dataset, train_clean
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -46,3 +46,15 @@ def cifar_slice():
         pytest.skip(f"{path} is absent (real images live in ../shared/data beside the repository)")
     full = load_dataset(f"npz:{path}")
     return replace(full, x_train=full.x_train[:1000], y_train=full.y_train[:1000])
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's bundled 8x8 digits."""
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def clean_model(digits):
+    """cnn-small trained 2 epochs on clean digits: the clean model LF and Trojan fit their triggers to."""
+    return train_clean(digits, "cnn-small", TrainRecipe(epochs=2, lr=0.05, batch_size=64), seed=0)

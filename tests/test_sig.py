@@ -94,21 +94,6 @@ def test_impossible_ratio_names_the_largest_possible_one(counts, ratio, message)
     assert len(index) == round(largest * n) and (y[index] == 0).all()
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"label_mode": "all2all"}, "attack sig: label_mode: must be all2one: SIG is clean-label"),
-    ({"delta": 0}, "attack sig: delta: must be in (0, 255]"),
-    ({"delta": 256}, "attack sig: delta: must be in (0, 255]"),
-    ({"frequency": 0}, "attack sig: frequency: must be >= 1"),
-    ({"frequency": 4}, "attack sig: frequency: must not be a multiple of 8/2 (image width 8)"),
-    ({"frequency": 2.5}, "attack sig: frequency: expected int"),
-    ({"poison_ratio": 1.5}, "attack sig: poison_ratio: must be in [0, 1]"),
-])
-def test_invalid_parameters(params, message):
-    with pytest.raises(AttackError) as info:
-        make_attack("sig", params, (3, 8, 8), 10)
-    assert str(info.value).startswith(message) and "\n" not in str(info.value)
-
-
 def test_state_round_trip():
     shape = (3, 8, 10)
     source = make_attack("sig", {"delta": 25, "frequency": 3}, shape, 10)
