@@ -24,6 +24,7 @@ ATTACKS: dict[str, list[str]] = {
     "blended": ["--attack", "blended"],
     "sig": ["--attack", "sig"],
     "wanet": ["--attack", "wanet"],
+    "wanet-s1": ["--attack", "wanet", "--param", "strength=1.0"],  # a warp twice as strong
     # Generators a quarter of BackdoorBench's size and 10 mask epochs (not 25), for the CPU.
     "inputaware": ["--attack", "inputaware", "--param", "width=16", "--param", "mask_epochs=10"],
     "lf": ["--attack", "lf"],
