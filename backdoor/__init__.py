@@ -3,7 +3,7 @@
 from .attacks import (ATTACKS, LF, SIG, SSBA, Attack, AttackError, BadNets, BadNetsParams, Blended, BlendedParams,
                       InputAware, InputAwareParams, LFParams, SIGParams, SSBAParams, Trojan, TrojanParams, WaNet,
                       WaNetParams, make_attack)
-from .data import DATASETS, DataError, ImageData, clean_subset, load_dataset, to_unit
+from .data import DATASETS, DataError, ImageData, check_clean_subset, clean_subset, load_dataset, to_unit
 from .metrics import EvalSets, Metrics, der, eval_sets, evaluate
 from .models import ARCHS, ModelError, Normalize, build_model, check_fits
 from .record import ModelRecord, RecordError, load_record, save_record
@@ -17,7 +17,7 @@ __all__ = [
     "CODE_VERSION", "DATASETS", "DataError", "EvalSets", "ImageData", "InputAware", "InputAwareParams", "LF", "LFParams", "Metrics", "ModelError",
     "ModelRecord", "Normalize", "RecipeError", "RecordError", "SIG", "SIGParams", "SSBA", "SSBAParams", "TrainRecipe", "Trojan",
     "TrojanParams", "WaNet", "WaNetParams",
-    "build_model", "check_fits", "clean_subset", "der",
+    "build_model", "check_clean_subset", "check_fits", "clean_subset", "der",
     "eval_sets", "evaluate", "load_dataset", "load_record", "make_attack", "save_record", "to_unit",
     "train_backdoored", "train_clean", "train_record",
 ]

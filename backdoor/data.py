@@ -1,6 +1,7 @@
 """Image data sets as uint8 N×C×H×W tensors: sklearn digits, .npz archives, the torchvision sets (MNIST,
 CIFAR-10/100, GTSRB) and Tiny-ImageNet's folder layout."""
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,17 @@ def clean_subset(n: int, ratio: float, seed: int) -> torch.Tensor:
     return order[:count].sort().values
 
 
+def check_clean_subset(n: int, ratio: float, num_classes: int) -> None:
+    """A clean subset SAU can learn from: at least one image per class on average (clean_subset would quietly
+    take one image where the ratio gives none)."""
+    if not 0 < ratio <= 1:
+        raise DataError(f"clean_ratio: must be in (0, 1], got {ratio}")
+    count = round(ratio * n)
+    if count < num_classes:
+        raise DataError(f"clean_ratio: {ratio:g} of the {n} training images gives {count}, fewer than the "
+                        f"{num_classes} classes")
+
+
 def load_dataset(name: str, root: str | None = None, download: bool = False) -> ImageData:
     """'digits', 'npz:PATH', or one of DATASETS read from under `root`."""
     if name == "digits":
@@ -113,15 +125,47 @@ def _npz_labels(path: Path, key: str, array, count: int) -> torch.Tensor:
     return torch.from_numpy(array.astype("int64"))
 
 
+def _check_npz_sizes(path: Path) -> None:
+    """Each array's header (shape, dtype) fits the bytes the archive holds for it, so that a forged header
+    fails here instead of allocating what it claims."""
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            key = info.filename.removesuffix(".npy")
+            if key not in NPZ_KEYS:
+                continue
+            with archive.open(info) as member:
+                version = npy.read_magic(member)
+                if version not in ((1, 0), (2, 0)):
+                    raise DataError(f"{path}: {key}: unsupported .npy format version {version}")
+                read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                shape, _, dtype = read_header(member)
+                data_size = info.file_size - member.tell()
+            size = math.prod(shape) * dtype.itemsize
+            # Deflate expands a byte to at most 1032 (zlib's documented limit); stored members do not expand.
+            most = info.compress_size * (1032 if info.compress_type != zipfile.ZIP_STORED else 1)
+            if size != data_size or info.file_size > most + 1024:
+                raise DataError(f"{path}: {key}: header says {dtype} array of shape {shape} ({size:,} bytes), "
+                                f"which does not fit the archive ({data_size:,} bytes of data)")
+
+
 def _npz(path: Path) -> ImageData:
+    import zipfile
+
     import numpy as np
 
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
+        _check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in NPZ_KEYS if key in archive}
-    except (OSError, ValueError) as error:
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         raise DataError(f"{path}: not a readable .npz archive ({str(error).splitlines()[0]})") from None
     for key in NPZ_KEYS:
         if key not in arrays:

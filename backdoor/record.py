@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -17,6 +18,11 @@ from .tensorfile import decode, encode
 
 FORMAT = "sau-model-record/1"
 FILES = ("model.safetensors", "trigger.safetensors")
+# Ranges a record.json must keep before anything is built from it (a forged num_classes would otherwise
+# allocate a classifier of that many outputs): ImageNet-21k has 21,841 classes; the image sizes the
+# architectures take are far below 4096 pixels a side; images have 1 to 4 channels.
+MAX_CLASSES = 100_000
+MAX_SIDE = 4096
 
 
 class RecordError(ValueError):
@@ -80,8 +86,45 @@ def _read_meta(directory: Path) -> tuple[ModelRecord, dict]:
     if not isinstance(meta["sha256"], dict) or not all(isinstance(meta[n], list) for n in ("shape", "mean", "std")):
         raise RecordError(f"{path}: sha256 must be an object and shape, mean, std lists")
     values = {name: meta[name] for name in names}
+    _check_ranges(path, values)
     record = ModelRecord(**values | {name: tuple(values[name]) for name in ("shape", "mean", "std")})
     return record, meta["sha256"]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_ranges(path: Path, meta: dict) -> None:
+    """Every field of a record.json in its range, so a forged or damaged one fails here in one line."""
+    shape, mean, std = meta["shape"], meta["mean"], meta["std"]
+    shape_ok = (len(shape) == 3 and all(_is_int(s) for s in shape) and 1 <= shape[0] <= 4
+                and all(1 <= s <= MAX_SIDE for s in shape[1:]))
+    channels = shape[0] if shape_ok else None
+    checks = [
+        ("arch", isinstance(meta["arch"], str), "must be a string"),
+        ("num_classes", _is_int(meta["num_classes"]) and 2 <= meta["num_classes"] <= MAX_CLASSES,
+         f"must be an integer in [2, {MAX_CLASSES}]"),
+        ("shape", shape_ok, f"must be [channels 1-4, height, width], sides in [1, {MAX_SIDE}]"),
+        ("mean", len(mean) == channels and all(_is_number(m) for m in mean), "must be one finite number per channel"),
+        ("std", len(std) == channels and all(_is_number(v) and v > 0 for v in std),
+         "must be one finite number > 0 per channel"),
+        ("dataset", isinstance(meta["dataset"], str), "must be a string"),
+        ("attack", isinstance(meta["attack"], str), "must be a string"),
+        ("attack_params", isinstance(meta["attack_params"], dict), "must be an object"),
+        ("seed", _is_int(meta["seed"]) and meta["seed"] >= 0, "must be an integer >= 0"),
+        ("recipe", isinstance(meta["recipe"], dict), "must be an object"),
+        ("metrics", isinstance(meta["metrics"], dict) and all(_is_number(v) and 0 <= v <= 1
+                                                               for v in meta["metrics"].values()),
+         "must map names to numbers in [0, 1]"),
+    ]
+    for name, ok, reason in checks:
+        if not ok:
+            raise RecordError(f"{path}: {name}: {reason} (got {json.dumps(meta[name])[:80]})")
 
 
 def _read_tensors(directory: Path, name: str, expected: str) -> dict:

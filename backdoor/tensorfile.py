@@ -61,7 +61,8 @@ def _entry(name: str, entry: object, data_size: int) -> tuple[torch.dtype, list[
     if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
         raise TensorFileError(f"safetensors: {name}: missing or unsupported dtype")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+    # Sizes past 2**63 overflow torch's int64 sizes even where another is 0 (an empty tensor takes no bytes).
+    if not (isinstance(shape, list) and all(isinstance(s, int) and 0 <= s < 2**63 for s in shape)):
         raise TensorFileError(f"safetensors: {name}: invalid shape {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
             and 0 <= offsets[0] <= offsets[1] <= data_size):

@@ -2,6 +2,7 @@
 cosine annealing (BackdoorBench's recipe)."""
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +21,10 @@ class RecipeError(ValueError):
     """An invalid training recipe: "training.<field>: <reason>"."""
 
 
+# Far beyond any recipe that finishes (BackdoorBench trains 100-200 epochs); a mistyped 1e9 is refused.
+MAX_EPOCHS = 100_000
+
+
 @dataclass(frozen=True)
 class TrainRecipe:
     epochs: int = 100
@@ -33,11 +38,14 @@ class TrainRecipe:
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             self._check(name, type(value) is int and value >= 1, "must be an integer >= 1")
+        self._check("epochs", self.epochs <= MAX_EPOCHS, f"must be <= {MAX_EPOCHS}")
         for name in ("lr", "momentum", "weight_decay"):
             value = getattr(self, name)
             positive = name == "lr"
             ok = type(value) in (int, float) and (value > 0 if positive else value >= 0)
             self._check(name, ok, "must be a number > 0" if positive else "must be a number >= 0")
+            # inf or nan train a destroyed model that still evaluates to some figures
+            self._check(name, -math.inf < value < math.inf, "must be a finite number")
         self._check("augment", type(self.augment) is bool, "must be true or false")
 
     def _check(self, name: str, ok: bool, reason: str) -> None:

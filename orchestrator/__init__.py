@@ -1,1 +1,11 @@
 """Orchestration: grid specs, the Ray Tune driver, Optuna search, MLflow logging, Parquet results, CLI."""
+
+import os
+
+# Settings Ray reads when it is first imported, set here because every module of this package, and so every
+# path to `import ray` in it, imports this first.
+# "0": a local instance listens on 127.0.0.1 only (every server and metrics port), not on the machine's network
+# address; joining a cluster by address works either way.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Tune prints a trial's full traceback on every failure, also one it retries; the sweep prints one line instead.
+os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")

@@ -3,26 +3,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
+import traceback
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 import backdoor
-from backdoor import (AttackError, DataError, ModelError, RecipeError, RecordError, TrainRecipe, check_fits,
-                      clean_subset, der, eval_sets, evaluate, load_dataset, load_record, make_attack, save_record,
-                      to_unit, train_record)
-from backdoor.backdoorbench import BackdoorBenchError, import_backdoorbench
+from backdoor import (TrainRecipe, check_clean_subset, check_fits, clean_subset, der, eval_sets, evaluate,
+                      load_dataset, load_record, make_attack, save_record, to_unit, train_record)
+from backdoor.backdoorbench import import_backdoorbench
 from backdoor.record import ModelRecord
-from sau_kernel import SAUConfig, SAUConfigError, purify
+from sau_kernel import MAX_SEED, SAUConfig, purify
 
-from .results import ResultsError, format_table, read_results
-from .spec import SpecError
-
-USER_ERRORS = (AttackError, BackdoorBenchError, DataError, ModelError, RecipeError, RecordError, ResultsError,
-               SAUConfigError, SpecError)
+from .errors import USER_ERRORS
+from .results import format_table, read_results
 
 
 class CommandError(ValueError):
@@ -79,24 +77,32 @@ def ensure_new_dir(path: Path, option: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .spec import load_grid
+    from .spec import CONFIRM_TRIALS, load_grid
 
     grid = load_grid(args.grid)  # a bad spec fails before ray, mlflow and optuna load
+    if grid.trial_count > CONFIRM_TRIALS and not args.yes:
+        raise CommandError(f"{args.grid}: the grid expands to {grid.trial_count:,} trials, more than "
+                           f"{CONFIRM_TRIALS:,}; pass --yes to run them all")
 
+    from .cluster import ClusterError
     from .store import StoreError
     from .sweep import SweepError, run_sweep
 
+    # SIGTERM (kill, a scheduler's stop) ends the sweep as Ctrl-C does: trials stop, Ray shuts down, exit 2.
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     storage = Path(args.storage or grid.storage).expanduser().resolve()
     try:
         run_sweep(grid, storage=storage, resume=args.resume, address=args.address,
                   tracking_uri=args.tracking_uri)
-    except (StoreError, SweepError) as error:
+    except (ClusterError, StoreError, SweepError) as error:
         raise CommandError(str(error)) from None
 
 
 def cmd_attack(args: argparse.Namespace) -> None:
     out = Path(args.out)
     ensure_new_dir(out, "--out")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise CommandError(f"--seed: must be in [0, {MAX_SEED}], got {args.seed}")
     given = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "augment": args.augment}
     recipe = TrainRecipe(**{k: v for k, v in given.items() if v is not None})
     data = load_dataset(args.dataset, root=args.data_root, download=args.download)
@@ -128,9 +134,15 @@ def cmd_purify(args: argparse.Namespace) -> None:
         ensure_new_dir(out, "--out")
     model, attack, record = load_record(Path(args.model_dir))
     data = load_dataset(args.dataset or record.dataset, root=args.data_root, download=args.download)
+    if args.dataset is not None and not same_dataset(data.name, record.dataset):
+        raise CommandError(f"--dataset {args.dataset}: the model record was trained on {record.dataset}")
     if data.shape != tuple(record.shape) or data.num_classes != record.num_classes:
         raise CommandError(f"--dataset {data.name}: images {data.shape} with {data.num_classes} classes do not "
                          f"match the model record ({tuple(record.shape)}, {record.num_classes} classes)")
+    try:
+        check_clean_subset(len(data.x_train), args.clean_ratio, data.num_classes)
+    except ValueError as error:
+        raise CommandError(f"--clean-ratio: {str(error).partition(': ')[2]}") from None
     device = device_of(args.device)
     sets = eval_sets(data, attack)
     before = evaluate(model.to(device), sets, device=device)
@@ -154,20 +166,42 @@ def cmd_purify(args: argparse.Namespace) -> None:
                    f"DER {summary['der']:.4f}"] + ([f"purified model record: {out}"] if out else []), args.json)
 
 
+def same_dataset(a: str, b: str) -> bool:
+    """Names of one data set; an npz: path is compared as the file it names, however it was written."""
+    if a.startswith("npz:") and b.startswith("npz:"):
+        return Path(a[4:]).expanduser().resolve() == Path(b[4:]).expanduser().resolve()
+    return a == b
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     print(format_table(read_results(Path(args.path)), args.format))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (--help shows the usage)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sau", description="Shared Adversarial Unlearning sweeps.")
+    parser = Parser(prog="sau", description="Shared Adversarial Unlearning sweeps.")
+    debug = "on an unexpected error, print its traceback"
+    parser.add_argument("--debug", action="store_true", help=debug)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run a grid spec (YAML) on Ray Tune")
+    def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, **kwargs)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
+        return command
+
+    run = add_command("run", help="run a grid spec (YAML) on Ray Tune")
     run.add_argument("grid", help="grid spec (YAML)")
     run.add_argument("--storage", help="results, models and checkpoints directory (default: the grid's `storage`)")
     run.add_argument("--resume", action="store_true", help="continue a killed or failed sweep in --storage")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the storage directory)")
+    run.add_argument("--yes", action="store_true", help="run a grid of more than 1,000 trials")
     run.set_defaults(func=cmd_run)
 
     def data_options(p: argparse.ArgumentParser) -> None:
@@ -176,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
         p.add_argument("--json", action="store_true", help="print the figures as one JSON object last")
 
-    attack = commands.add_parser("attack", help="train one backdoored model into a model record")
+    attack = add_command("attack", help="train one backdoored model into a model record")
     attack.add_argument("--dataset", required=True, help=f"one of {', '.join(backdoor.DATASETS)} or npz:PATH")
     attack.add_argument("--attack", required=True, help=f"one of {', '.join(backdoor.ATTACKS)}")
     attack.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="attack parameter")
@@ -191,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_options(attack)
     attack.set_defaults(func=cmd_attack)
 
-    imp = commands.add_parser("import-backdoorbench", help="turn a BackdoorBench attack result into a model record")
+    imp = add_command("import-backdoorbench", help="turn a BackdoorBench attack result into a model record")
     imp.add_argument("record_dir", help="BackdoorBench record folder (attack_result.pt and bd_test_dataset/)")
     imp.add_argument("--data-root", help="directory of the clean data set: checks the record against it, adds ACC")
     imp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
@@ -199,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="model record directory to create")
     imp.set_defaults(func=cmd_import_backdoorbench)
 
-    pur = commands.add_parser("purify", help="purify one model record with SAU")
+    pur = add_command("purify", help="purify one model record with SAU")
     pur.add_argument("model_dir", help="model record directory")
     pur.add_argument("--dataset", help="data set (default: the one the model was trained on)")
     pur.add_argument("--clean-ratio", type=float, default=0.05, help="share of the training split used (default 0.05)")
@@ -208,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_options(pur)
     pur.set_defaults(func=cmd_purify)
 
-    report = commands.add_parser("report", help="print the results of a sweep as a table")
+    report = add_command("report", help="print the results of a sweep as a table")
     report.add_argument("path", help="storage directory, results directory or Parquet file")
     report.add_argument("--format", choices=("md", "csv"), default="md")
     report.set_defaults(func=cmd_report)
@@ -225,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug or an environment problem: one line; the traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        reason = str(error).strip().splitlines()
+        print(f"error: {type(error).__name__}" + (f": {reason[0]}" if reason else "")
+              + ("" if args.debug else " (--debug shows the traceback)"), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_type_hints
@@ -14,9 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pydantic_core import PydanticCustomError
 
 from backdoor import ARCHS, ATTACKS, CODE_VERSION, DATASETS, TrainRecipe
-from sau_kernel import SAUConfig
+from sau_kernel import MAX_SEED, SAUConfig
 
 DEFAULT_CLEAN_RATIO = 0.05  # the paper's
+# A grid past this many trials runs only with --yes: at the paper's 1.8 GPU-minutes per CIFAR-10 trial it is
+# over a day of compute, more than a typo should start.
+CONFIRM_TRIALS = 1_000
+# Refused outright: every trial is expanded, validated and given a row and an MLflow run before and while it runs.
+MAX_TRIALS = 1_000_000
+MAX_SEARCH_SEED = 2**32 - 1  # numpy's seed range, which Optuna's samplers use
 SAU_TYPES = {name: kind for name, kind in get_type_hints(SAUConfig).items() if name != "seed"}
 SAU_TYPES["clean_ratio"] = float
 METRICS = ("acc_after", "asr_after", "ra_after", "der")
@@ -153,10 +160,10 @@ class Objective(BaseModel):
 
 class SearchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    num_samples: int = Field(ge=1)
+    num_samples: int = Field(ge=1, le=MAX_TRIALS)
     max_concurrent: int = Field(2, ge=1)
     sampler: Literal["tpe", "random", "nsga2", "gp"] = "tpe"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEARCH_SEED)
     space: dict[str, ParamRange] = Field(min_length=1)
     objectives: list[Objective] = Field(min_length=1, max_length=2)
 
@@ -205,12 +212,35 @@ class GridSpec(BaseModel):
     archs: list[str] = Field(min_length=1)
     attack_training: dict[str, Any] = Field({}, validate_default=True)
     sau: dict[str, Any] = {}
-    seeds: list[Annotated[int, Field(ge=0)]] = Field([0], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field([0], min_length=1)
     eval_every: int = Field(10, ge=1)
     resources: Resources = Resources()
     storage: str = Field(default_factory=lambda data: f"runs/{data['name']}")
     tracking_uri: str | None = None
     search: SearchSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, data):
+        # Checked before the fields: inf or nan anywhere (a trigger parameter, a search bound) gives a result
+        # computed from nothing, and fields that reject them would name the type rather than the value.
+        at = _non_finite(data)
+        if at is not None:
+            raise _bad(at[0], f"must be a finite number (got {at[1]})")
+        return data
+
+    @property
+    def trial_count(self) -> int:
+        """How many trials the grid expands to (a search: its samples), without expanding it."""
+        if self.search is not None:
+            return self.search.num_samples
+        return len(self.attacks) * len(self.archs) * len(self.seeds) * _axes_size(self.sau)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> GridSpec:
+        if self.trial_count > MAX_TRIALS:
+            raise _bad("grid", f"expands to {self.trial_count:,} trials, more than the {MAX_TRIALS:,} a sweep holds")
+        return self
 
     @field_validator("attacks")
     @classmethod
@@ -249,6 +279,9 @@ class GridSpec(BaseModel):
                 raise _bad(key, "empty list")
             typed[key] = (_no_repeats([_sau_value(key, v) for v in value], key) if isinstance(value, list)
                           else _sau_value(key, value))
+        if _axes_size(typed) > MAX_TRIALS:  # before enumerating the combinations below
+            raise ValueError(f"the axes make {_axes_size(typed):,} combinations, more than the {MAX_TRIALS:,} "
+                             "trials a sweep holds")
         for point in _points(typed):  # every combination must make a valid SAUConfig
             _sau_combo(point)
         return typed
@@ -262,6 +295,22 @@ class GridSpec(BaseModel):
                 if len(values) > 1:
                     raise _bad("search", f"cannot be combined with grid axes; {field} has {len(values)} values")
         return self
+
+
+def _non_finite(data, at: str = "") -> tuple[str, float] | None:
+    """The path and value of the first inf or nan in parsed YAML, or None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return at, data
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{at}[{key}]" if isinstance(key, int) else f"{at}.{key}".lstrip("."))
+        if found is not None:
+            return found
+    return None
+
+
+def _axes_size(sau: dict) -> int:
+    return math.prod(len(v) for v in sau.values() if isinstance(v, list))
 
 
 def _points(sau: dict) -> list[dict]:
@@ -283,11 +332,31 @@ def _describe(error: ValidationError) -> str:
     return f"{path.lstrip('.')}: {reason}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (list, dict)):
+                    continue  # unhashable: the base class reports it
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {key!r} (first given on line {first[key].line + 1})", key_node.start_mark)
+                first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_grid(path) -> GridSpec:
     """Read and validate a grid YAML file; any problem is a one-line SpecError. Writes nothing."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except OSError as e:
         raise SpecError(f"{path}: {(e.strerror or 'cannot read').lower()}") from None
     except UnicodeDecodeError:
@@ -297,12 +366,16 @@ def load_grid(path) -> GridSpec:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise SpecError(f"{path}: {where}invalid YAML ({' '.join(problem.split())})") from None
+    except RecursionError:
+        raise SpecError(f"{path}: invalid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping of grid fields, got {type(data).__name__}")
     try:
         return GridSpec.model_validate(data)
     except ValidationError as e:
         raise SpecError(f"{path}: {_describe(e)}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply") from None
 
 
 def _digest(obj) -> str:

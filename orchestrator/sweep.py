@@ -3,6 +3,7 @@ as the full grid or as an Optuna search, and the results end up as Parquet rows 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -10,26 +11,23 @@ import time
 from pathlib import Path
 from typing import Callable
 
-# Ray reads this once, when it is imported: "0" keeps a local instance on 127.0.0.1 instead of the
-# machine's network address. Joining a cluster by address works either way.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+import optuna
+import pandas as pd
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
-import optuna  # noqa: E402
-import pandas as pd  # noqa: E402
-import ray  # noqa: E402
-from optuna.storages import JournalStorage  # noqa: E402
-from optuna.storages.journal import JournalFileBackend  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune.search import ConcurrencyLimiter  # noqa: E402
-from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+from backdoor import AttackError, DataError, ModelError, check_clean_subset, check_fits, load_dataset, make_attack
 
-from backdoor import AttackError, ModelError, check_fits, load_dataset, make_attack  # noqa: E402
-
-from .results import finished_ids, format_table, pareto_front, read_results  # noqa: E402
-from .spec import GridSpec, SearchSpec, TrialSpec, expand  # noqa: E402
-from .store import ensure_models  # noqa: E402
-from .tracking import SweepTracking, close_sweep, default_uri, open_sweep  # noqa: E402
-from .trial import run_trial  # noqa: E402
+from .cluster import RaySession, check_resources
+from .errors import USER_ERRORS
+from .results import finished_ids, format_table, pareto_front, read_results
+from .spec import DEFAULT_CLEAN_RATIO, GridSpec, SearchSpec, TrialSpec, expand
+from .store import ensure_models
+from .tracking import SweepTracking, close_sweep, default_uri, open_sweep
+from .trial import run_trial
 
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
             "nsga2": optuna.samplers.NSGAIISampler, "gp": optuna.samplers.GPSampler}
@@ -40,7 +38,12 @@ class SweepError(ValueError):
 
 
 def _trial(spec: TrialSpec, storage: Path, tracking: SweepTracking | None) -> None:
-    run_trial(spec, storage, tracking, report=lambda m: tune.report({"trial": spec.trial_id, **m}))
+    try:
+        run_trial(spec, storage, tracking, report=lambda m: tune.report({"trial": spec.trial_id, **m}))
+    except USER_ERRORS as error:
+        # Raising would make Tune retry what cannot change (FailureConfig has no notion of a permanent error):
+        # the trial ends at once, and the driver reads the error from its last result.
+        tune.report({"trial": spec.trial_id, "error": f"{type(error).__name__}: {error}"})
 
 
 def grid_trial(config: dict, specs: dict[str, TrialSpec], storage: Path, tracking: SweepTracking | None) -> None:
@@ -65,9 +68,22 @@ class Finished(tune.Callback):
         # Tune pickles callbacks for Tuner.restore, which sweeps do not use; `out` need not pickle.
         return {**self.__dict__, "out": None}
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # Instead of Tune's traceback (TUNE_PRINT_ALL_TRIAL_ERRORS=0): the error's own last line.
+        lines = (trial.get_error() or "").strip().splitlines()
+        self.out(f"trial {trial.config.get('trial_id', trial.trial_id)}: {lines[-1] if lines else 'failed'}; "
+                 f"retrying (failure {trial.run_metadata.num_failures})")
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         r = trial.last_result
+        if "error" in r:
+            self.out(f"[{self.done}/{self.total}] trial {r['trial']}: failed: {r['error']}")
+            return
+        if r.get("status") == "diverged":
+            self.out(f"[{self.done}/{self.total}] trial {r['trial']}: diverged at round {r['round'] + 1} "
+                     "(non-finite loss); recorded with status diverged")
+            return
         self.out(f"[{self.done}/{self.total}] trial {r['trial']}: ACC {r['acc_after']:.1%}  "
                  f"ASR {r['asr_after']:.1%}  RA {r['ra_after']:.1%}  DER {r['der']:.3f}")
 
@@ -127,6 +143,7 @@ def _run_trials(grid: GridSpec, storage: Path, tracking: SweepTracking | None, o
     results = tuner.fit()
     failed = [f"trial {r.config.get('trial_id') or json.dumps(r.config)}: "
               f"{getattr(r.error, 'cause', None) or r.error!r}" for r in results if r.error is not None]
+    failed += [f"trial {r.metrics['trial']}: {r.metrics['error']}" for r in results if "error" in r.metrics]
     # On Ctrl-C Tune stops the trials and returns normally: a trial without error and without row did not finish.
     rows = finished_ids(storage / "results")
     unfinished = sum(r.error is None and r.metrics.get("trial") not in rows for r in results)
@@ -147,6 +164,34 @@ def _check_against_data(grid: GridSpec) -> None:
             check_fits(arch, data.shape, data.num_classes)
         except ModelError as error:
             raise SweepError(f"archs[{i}]: {error}") from None
+    _check_clean_subsets(grid, len(data.x_train), data.num_classes)
+
+
+def _check_clean_subsets(grid: GridSpec, n: int, num_classes: int) -> None:
+    """Every clean_ratio of the grid (a search: its smallest) gives a clean subset with room for each class."""
+    ratios = grid.sau.get("clean_ratio", DEFAULT_CLEAN_RATIO)
+    ratios = ratios if isinstance(ratios, list) else [ratios]
+    dim = grid.search.space.get("clean_ratio") if grid.search is not None else None
+    if dim is not None:
+        ratios = dim.choices or [dim.low]
+    for ratio in ratios:
+        try:
+            check_clean_subset(n, ratio, num_classes)
+        except DataError as error:
+            raise SweepError(f"sau.{error}") from None
+
+
+def _check_storage(storage: Path) -> None:
+    """Write and remove a file in `storage` (creating it), so that an unwritable one fails in one line."""
+    created = [p for p in (storage, *storage.parents) if not p.exists()]
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=storage).close()
+    except OSError as error:
+        for path in created:  # deepest first: leave nothing behind
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise SweepError(f"storage {storage}: not writable ({error.strerror or error})") from None
 
 
 def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | None, tracking_uri: str | None,
@@ -167,12 +212,10 @@ def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | Non
 
     _check_against_data(grid)
 
-    started, tracking = not ray.is_initialized(), None
-    if started:
-        address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address) if address else ray.init(include_dashboard=False)
+    ray_session, tracking = RaySession.connect(address, out), None
     try:
-        storage.mkdir(parents=True, exist_ok=True)
+        check_resources(grid.resources)
+        _check_storage(storage)
         uri = tracking_uri or grid.tracking_uri or default_uri(storage)
         sweep_name = info["sweep"] if info else f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parent = info["parent_run_id"] if info and info["tracking_uri"] == uri else None
@@ -182,13 +225,35 @@ def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | Non
             "experiment_id": tracking and tracking.experiment_id,
             "parent_run_id": tracking and tracking.parent_run_id}, indent=2) + "\n")
         failed, unfinished = _run_trials(grid, storage, tracking, out)
-    except BaseException:
-        close_sweep(tracking, [], "FAILED")
+    except BaseException as error:
+        close_sweep(tracking, [], _ended(error))
         raise
     finally:
-        if started:
-            ray.shutdown()
+        ray_session.close()
 
+    try:
+        df = _finish(grid, storage, tracking, failed, unfinished, out)
+    except BaseException as error:
+        close_sweep(tracking, [], _ended(error))
+        raise
+    for line in failed:
+        out(line)
+    if failed:
+        raise SweepError(f"{len(failed)} of the trials failed, first {failed[0]}; "
+                         "fix the cause and pass --resume to rerun them")
+    if unfinished:
+        raise SweepError(f"interrupted with {unfinished} trials unfinished; pass --resume to continue them")
+    return df
+
+
+def _ended(error: BaseException) -> str:
+    """The parent run's status for a sweep that ends with `error`."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
+def _finish(grid: GridSpec, storage: Path, tracking: SweepTracking | None, failed: list[str], unfinished: int,
+            out: Callable[[str], None]) -> pd.DataFrame:
+    """Print the results (and a search's Pareto front), attach them to the parent run and close it."""
     df = read_results(storage) if finished_ids(storage / "results") else pd.DataFrame()
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = []
@@ -202,11 +267,4 @@ def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | Non
             _write_atomic(storage / "pareto.csv", front.to_csv(index=False))
             artifacts.append(storage / "pareto.csv")
         close_sweep(tracking, artifacts, "FAILED" if failed else "KILLED" if unfinished else "FINISHED")
-    for line in failed:
-        out(line)
-    if failed:
-        raise SweepError(f"{len(failed)} of the trials failed, first {failed[0]}; "
-                         "fix the cause and pass --resume to rerun them")
-    if unfinished:
-        raise SweepError(f"interrupted with {unfinished} trials unfinished; pass --resume to continue them")
     return df

@@ -8,6 +8,7 @@ storage/checkpoints/<trial_id>/state.pt; a trial that finds that file continues 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 
 from backdoor import Metrics, clean_subset, der, eval_sets, evaluate, load_dataset, load_record, to_unit
-from sau_kernel import Progress, purify
+from sau_kernel import Diverged, Progress, purify
 
 from .results import read_row, write_row
 from .spec import TrialSpec
@@ -84,21 +85,28 @@ def run_trial(spec: TrialSpec, storage: Path, tracking: SweepTracking | None,
         if report is not None:
             report({"round": log.round, **losses, **latest})
 
-    result = purify(model, to_unit(data.x_train[index]), data.y_train[index], cfg, device=device,
-                    on_round=on_round, resume=state and state["purify"])
+    try:
+        history = purify(model, to_unit(data.x_train[index]), data.y_train[index], cfg, device=device,
+                         on_round=on_round, resume=state and state["purify"]).history
+        status = "finished"
+    except Diverged as diverged:  # recorded with no figures after: a destroyed model's would look like a result
+        history, status = diverged.history, "diverged"
+        latest = {key: math.nan for key in latest}
+        if report is not None:
+            report({"round": len(history), **latest, "status": status})
     row = {"trial_id": spec.trial_id, "grid": spec.grid, **spec.flat(),
-           **{f"{k}_before": v for k, v in asdict(before).items()}, **latest,
-           "seconds_sau": sum(h.seconds for h in result.history),
+           **{f"{k}_before": v for k, v in asdict(before).items()}, **latest, "status": status,
+           "seconds_sau": sum(h.seconds for h in history),
            "seconds_total": seconds_before + time.perf_counter() - start,
-           "rounds_done": len(result.history),
+           "rounds_done": len(history),
            "device": f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu",
            "torch_version": torch.__version__, "sau_version": version("sau-orchestrator"),
            "mlflow_run_id": tracker.run_id, "finished_at": datetime.now(timezone.utc)}
     write_row(storage / "results", row)
     final = {k: row[k] for k in ("acc_before", "asr_before", "ra_before", *latest, "seconds_sau", "seconds_total")}
-    tracker.log(len(result.history), final, final=True)
-    history = "round,loss,clean,at,sar,seconds\n" + "".join(
-        f"{h.round},{h.loss},{h.clean},{h.at},{h.sar},{h.seconds}\n" for h in result.history)
-    tracker.finish({"history.csv": history, "row.json": json.dumps(row, default=str, indent=1)})
+    tracker.log(len(history), final, final=True)
+    history_csv = "round,loss,clean,at,sar,seconds\n" + "".join(
+        f"{h.round},{h.loss},{h.clean},{h.at},{h.sar},{h.seconds}\n" for h in history)
+    tracker.finish({"history.csv": history_csv, "row.json": json.dumps(row, default=str, indent=1)})
     shutil.rmtree(path.parent, ignore_errors=True)
     return row

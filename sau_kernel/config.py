@@ -1,9 +1,17 @@
 """SAU hyper-parameters, with the defaults of the paper and of its reference code."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 PGD_INITS = ("max", "min", "zero", "random")
+# Seeds numpy and most tools accept; round_generator's seed * 1_000_003 + round then stays far below 2**63,
+# the top of torch's seed range.
+MAX_SEED = 2**32 - 1
+# Far beyond any schedule that finishes (the paper runs 100 rounds of 5 PGD steps), and a bound that keeps a
+# mistyped 1e9 from being accepted as a sweep that never ends.
+MAX_ROUNDS = 100_000
+MAX_PGD_STEPS = 1_000
 
 
 class SAUConfigError(ValueError):
@@ -33,15 +41,18 @@ class SAUConfig:
             expected = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}[f.type]
             if not isinstance(value, expected) or (f.type != "bool" and isinstance(value, bool)):
                 raise SAUConfigError(f"{f.name}: expected {f.type}, got {value!r}")
+        for f in fields(self):  # inf or nan give a destroyed model that still evaluates to some figures
+            if f.type == "float" and not -math.inf < getattr(self, f.name) < math.inf:
+                raise SAUConfigError(f"{f.name}: must be a finite number (got {getattr(self, f.name)!r})")
         checks = [
-            ("eps", self.eps > 0, "must be > 0"),
-            ("pgd_steps", self.pgd_steps >= 1, "must be >= 1"),
+            ("eps", 0 < self.eps <= 1, "must be > 0 and <= 1 (images are in [0, 1])"),
+            ("pgd_steps", 1 <= self.pgd_steps <= MAX_PGD_STEPS, f"must be in [1, {MAX_PGD_STEPS}]"),
             ("pgd_step_size", self.pgd_step_size > 0, "must be > 0"),
             ("pgd_init", self.pgd_init in PGD_INITS, f"must be one of {', '.join(PGD_INITS)}"),
             ("lr", self.lr > 0, "must be > 0"),
-            ("rounds", self.rounds >= 1, "must be >= 1"),
+            ("rounds", 1 <= self.rounds <= MAX_ROUNDS, f"must be in [1, {MAX_ROUNDS}]"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
-            ("seed", self.seed >= 0, "must be >= 0"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"must be in [0, {MAX_SEED}]"),
         ]
         checks += [(name, getattr(self, name) >= 0, "must be >= 0")
                    for name in ("beta_adv", "beta_js", "lmd_clean", "lmd_at", "lmd_sar")]

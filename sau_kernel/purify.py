@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -45,6 +46,15 @@ class Progress:
                               "history": [asdict(h) for h in self.history]})
 
 
+class Diverged(ArithmeticError):
+    """The loss became inf or nan: the model is destroyed and nothing after it means anything. `history` holds
+    the rounds completed before it; the step that would have applied the non-finite loss was not taken."""
+
+    def __init__(self, round_index: int, history: list[RoundLog]):
+        super().__init__(f"round {round_index}: the loss is not finite")
+        self.round, self.history = round_index, history
+
+
 def round_generator(cfg: SAUConfig, round_index: int) -> torch.Generator:
     # One generator per round, derived from the seed, so a resumed run draws exactly what an uninterrupted one does.
     return torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_index)
@@ -78,10 +88,13 @@ def purify(model: nn.Module, x_clean: Tensor, y_clean: Tensor, cfg: SAUConfig, *
             delta = shared_pgd(net, ref, x, y, cfg, generator=generator, clean_pred=clean_pred)
             net.train(cfg.train_bn)
             loss, parts = sau_loss(net, ref, x, y, delta, cfg, ref_clean_pred=clean_pred[1])
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise Diverged(round_index, history)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            for key, value in {"loss": loss.item(), **parts}.items():
+            for key, value in {"loss": loss_value, **parts}.items():
                 sums[key] += value * len(batch)
         net.eval()
         log = RoundLog(round=round_index, seconds=time.perf_counter() - start,

@@ -5,6 +5,7 @@ model (`optimized`); training-controlled WaNet (`wanet`); InputAware and SSBA, w
 project trains (`learned`); and ImportedAttack, known only through its poisoned test set (`imported`)."""
 
 import dataclasses
+import math
 
 from .base import Attack, AttackError, PoisonParams
 from .imported import ImportedAttack
@@ -17,13 +18,21 @@ ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls for cls in (BadNets, Blended, SIG, WaNet, InputAware, LF, SSBA, Trojan, ImportedAttack)}
 
 
+# torch.Generator.manual_seed's range (a seed parameter seeds one generator as it is).
+SEED_LIMIT = 2**63
+
+
 def _coerce(attack: str, field: dataclasses.Field, value):
     """Check a parameter against its default's type; ints are accepted where floats are expected."""
     kind = type(field.default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 2**1023 else math.inf
     if type(value) is not kind:
         raise AttackError(f"attack {attack}: {field.name}: expected {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):  # inf or nan make a trigger of nan pixels
+        raise AttackError(f"attack {attack}: {field.name}: must be a finite number, got {value!r}")
+    if field.name.endswith("_seed") and not 0 <= value < SEED_LIMIT:
+        raise AttackError(f"attack {attack}: {field.name}: must be in [0, 2**63), got {value!r}")
     return value
 
 
