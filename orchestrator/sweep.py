@@ -182,16 +182,18 @@ def _check_clean_subsets(grid: GridSpec, n: int, num_classes: int) -> None:
 
 
 def _check_storage(storage: Path) -> None:
-    """Write and remove a file in `storage` (creating it), so that an unwritable one fails in one line."""
-    created = [p for p in (storage, *storage.parents) if not p.exists()]
+    """Create `storage` and a file in it, and remove both again: an unwritable storage fails in one line,
+    and nothing is left behind yet."""
+    created = [p for p in (storage, *storage.parents) if not p.exists()]  # deepest first
     try:
         storage.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=storage).close()
     except OSError as error:
-        for path in created:  # deepest first: leave nothing behind
+        raise SweepError(f"storage {storage}: not writable ({error.strerror or error})") from None
+    finally:
+        for path in created:
             with contextlib.suppress(OSError):
                 path.rmdir()
-        raise SweepError(f"storage {storage}: not writable ({error.strerror or error})") from None
 
 
 def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | None, tracking_uri: str | None,
@@ -211,11 +213,12 @@ def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | Non
         raise SweepError(f"{storage} holds sweep {info['grid']!r}, not {grid.name!r}; choose another --storage")
 
     _check_against_data(grid)
+    _check_storage(storage)
 
     ray_session, tracking = RaySession.connect(address, out), None
     try:
         check_resources(grid.resources)
-        _check_storage(storage)
+        storage.mkdir(parents=True, exist_ok=True)
         uri = tracking_uri or grid.tracking_uri or default_uri(storage)
         sweep_name = info["sweep"] if info else f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parent = info["parent_run_id"] if info and info["tracking_uri"] == uri else None

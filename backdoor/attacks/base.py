@@ -1,5 +1,7 @@
 """The attack interface: parameters, trigger state, poisoning and labelling rules."""
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar, NoReturn
 
@@ -13,11 +15,24 @@ class AttackError(ValueError):
     """Invalid attack configuration: "attack <name>: <param>: <reason>"."""
 
 
+# torch.Generator.manual_seed's range: a seed parameter seeds one generator as it is.
+SEED_LIMIT = 2**63
+
+
 @dataclass(frozen=True)
 class PoisonParams:
     target: int = 0
     poison_ratio: float = 0.1
     label_mode: str = "all2one"
+
+    def __post_init__(self) -> None:
+        """Ranges every attack shares; each attack checks its own in Attack.check, against the data."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):  # inf or nan make a trigger of nan pixels
+                raise ValueError(f"{field.name}: must be a finite number, got {value!r}")
+            if field.name.endswith("_seed") and isinstance(value, int) and not 0 <= value < SEED_LIMIT:
+                raise ValueError(f"{field.name}: must be in [0, 2**63), got {value!r}")
 
 
 
