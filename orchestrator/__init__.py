@@ -9,3 +9,6 @@ import os
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Tune prints a trial's full traceback on every failure, also one it retries; the sweep prints one line instead.
 os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+# Tune's newer output prints boxes (the experiment, each errored trial) whatever `verbose` says; the classic
+# output is silent at verbose=0, and the sweep prints one line per trial itself.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

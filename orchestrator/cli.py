@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 import traceback
@@ -88,8 +87,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .store import StoreError
     from .sweep import SweepError, run_sweep
 
-    # SIGTERM (kill, a scheduler's stop) ends the sweep as Ctrl-C does: trials stop, Ray shuts down, exit 2.
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     storage = Path(args.storage or grid.storage).expanduser().resolve()
     try:
         run_sweep(grid, storage=storage, resume=args.resume, address=args.address,

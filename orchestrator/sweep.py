@@ -70,7 +70,8 @@ class Finished(tune.Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         # Instead of Tune's traceback (TUNE_PRINT_ALL_TRIAL_ERRORS=0): the error's own last line.
-        lines = (trial.get_error() or "").strip().splitlines()
+        error = Path(trial.error_file) if trial.error_file else None
+        lines = error.read_text().strip().splitlines() if error is not None and error.is_file() else []
         self.out(f"trial {trial.config.get('trial_id', trial.trial_id)}: {lines[-1] if lines else 'failed'}; "
                  f"retrying (failure {trial.run_metadata.num_failures})")
 

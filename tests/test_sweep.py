@@ -110,9 +110,82 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-def listening_addresses(pids: list[int]) -> list[str]:
+def process_tree(root: int) -> dict[int, str]:
+    """`root` and its living descendants (not zombies), by pid, with their names."""
+    stats = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            comm, fields = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        state, ppid = fields.split()[:2]
+        if state != "Z":
+            stats[int(stat.parent.name)] = (int(ppid), comm.partition("(")[2])
+    tree, grew = {root: stats[root][1]} if root in stats else {}, True
+    while grew:
+        new = {pid: name for pid, (ppid, name) in stats.items() if ppid in tree and pid not in tree}
+        tree.update(new)
+        grew = bool(new)
+    return tree
+
+
+def alive(pids) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()
+            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+
+
+def listening_addresses(pids) -> list[str]:
     out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
     return [line.split()[3] for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids)]
+
+
+def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout  # guards against a hang only, on a loaded machine
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, f"the sweep ended before {what}"
+        time.sleep(0.2)
+
+
+def test_local_sweep_is_local_says_one_line_per_fault_and_leaves_nothing(write_grid, tmp_path):
+    # This module's own Ray instance runs meanwhile: ray.init() would join it; `sau run` must start its own.
+    path = write_grid(name="local", sau={"eps": [0.1, 0.2], "rounds": 60})
+    storage = tmp_path / "sweep"
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(path), "--storage",
+                                   str(storage)], cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
+    seen = set()
+    try:
+        checkpoints = storage / "checkpoints"
+        wait_for(lambda: any(checkpoint_round(p) >= 2 for p in checkpoints.glob("*/state.pt")), "a checkpoint", driver)
+        processes = process_tree(driver.pid)
+        seen = set(processes)
+        assert "gcs_server" in processes.values() and "raylet" in processes.values(), processes
+        addresses = listening_addresses(processes)
+        loopback = {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}
+        assert addresses and {a.rpartition(":")[0] for a in addresses} <= loopback, addresses
+        assert (Path.home() / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
+
+        # A fault Tune recovers from: a trial's worker dies; the trial continues from its checkpoint.
+        (worker,) = [pid for pid, name in processes.items() if name.startswith("ray::ImplicitF")][:1]
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: "retrying" in stdout.read_text(), "the trial was retried", driver)
+        seen |= set(process_tree(driver.pid))
+        driver.send_signal(signal.SIGTERM)
+        driver.wait(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    printed = stdout.read_text() + stderr.read_text()
+    assert "Traceback" not in printed, printed
+    assert sum("retrying" in line for line in printed.splitlines()) == 1, printed
+    assert "started a local Ray instance, on 127.0.0.1 only" in stdout.read_text()
+    assert driver.returncode == 2 and stderr.read_text().splitlines()[-1].startswith("error: interrupted with")
+    assert alive(seen) == [], {pid: processes.get(pid) for pid in alive(seen)}
+    info = json.loads((storage / "sweep.json").read_text())
+    assert MlflowClient(info["tracking_uri"]).get_run(info["parent_run_id"]).info.status == "KILLED"
 
 
 def checkpoint_round(path: Path) -> int:
@@ -147,7 +220,6 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
         while not any(0 < checkpoint_round(p) < 30 for p in long_trials):
             assert driver.poll() is None and time.monotonic() < deadline, "sweep ended before it could be killed"
             time.sleep(0.2)
-        addresses = listening_addresses(session_pids(driver.pid))
         os.killpg(driver.pid, signal.SIGKILL)
     finally:
         for pid in session_pids(driver.pid):  # Ray's workers and agents outlive a killed driver
@@ -155,9 +227,6 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
                 os.kill(pid, signal.SIGKILL)
         driver.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    loopback = {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}
-    assert addresses and {a.rpartition(":")[0] for a in addresses} <= loopback, addresses
-
     checkpoints = {p.parent.name: torch.load(p, weights_only=True)
                    for p in (storage / "checkpoints").glob("*/state.pt")}
     assert any(state["purify"]["round"] < specs[i].sau["rounds"] for i, state in checkpoints.items())
