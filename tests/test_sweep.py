@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -81,6 +82,7 @@ def test_grid_sweep_writes_one_row_and_one_finished_run_per_trial(grid_sweep):
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
         assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == [2, 3]
         assert row["rounds_done"] == 3 and row["device"] == "cpu" and row["grid"] == "two-by-two"
+        assert row["status"] == "finished"
         assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["history.csv", "row.json"]
         history = client.download_artifacts(run.info.run_id, "history.csv")
         assert len(Path(history).read_text().splitlines()) == 1 + 3  # header and one line per round
@@ -326,3 +328,65 @@ def test_mlflow_server_receives_the_child_runs(write_grid, tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_a_diverging_trial_stops_and_is_recorded_as_diverged(write_grid, tmp_path):
+    # lr 1e30 makes the first step's weights overflow: the next loss is not finite.
+    storage = tmp_path / "sweep"
+    df, lines = sweep(write_grid(name="diverging", sau={"lr": 1e30}), storage)
+    row = df.iloc[0]
+    assert row["status"] == "diverged" and row["rounds_done"] < 3
+    assert all(pd.isna(row[k]) for k in ("acc_after", "asr_after", "ra_after", "der"))
+    assert 0 < row["acc_before"] <= 1  # the model's own figures stay
+    assert any("diverged at round" in line for line in lines), lines
+
+
+def test_a_trial_that_cannot_succeed_is_not_retried(write_grid, tmp_path):
+    # A damaged model record in the store: the same error on every attempt, so Tune must not retry it.
+    path = write_grid(name="forged")
+    (spec,) = expand(load_grid(path))
+    storage = tmp_path / "sweep"
+    record = storage / "models" / spec.model_key
+    record.mkdir(parents=True)
+    meta = {"format": "sau-model-record/1", "arch": "cnn-small", "num_classes": 1_000_000_000, "shape": [1, 8, 8],
+            "mean": [0.3], "std": [0.3], "dataset": "digits", "attack": "badnets", "attack_params": {}, "seed": 0,
+            "recipe": {}, "metrics": {}, "sha256": {}}
+    (record / "record.json").write_text(json.dumps(meta))
+    lines = []
+    with pytest.raises(SweepError, match="1 of the trials failed.*num_classes: must be an integer in"):
+        run_sweep(load_grid(path), storage=storage, resume=False, address=None, tracking_uri=None,
+                  out=lines.append)
+    assert not any("retrying" in line for line in lines), lines
+    assert any(line.startswith("[1/1] trial") and "failed: RecordError" in line for line in lines), lines
+    info = json.loads((storage / "sweep.json").read_text())
+    assert MlflowClient(info["tracking_uri"]).get_run(info["parent_run_id"]).info.status == "FAILED"
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert session_pids(driver.pid) == []  # nothing the command started outlives it
+    return subprocess.CompletedProcess(driver.args, driver.returncode, stdout, stderr)
+
+
+def test_resources_the_cluster_lacks_fail_in_one_line_and_write_nothing(write_grid, tmp_path):
+    storage = tmp_path / "sweep"
+    result = run_cli("run", str(write_grid(name="gpu", resources={"cpu": 1, "gpu": 1})), "--storage", str(storage),
+                     cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: resources: a trial asks for 1 CPU and 1 GPU, but no node of the Ray cluster has that "
+        f"(its nodes: {os.cpu_count():g} CPU, 0 GPU)"], result.stderr
+    assert not storage.exists()
+
+
+def test_unwritable_storage_fails_in_one_line(write_grid, tmp_path):
+    result = run_cli("run", str(write_grid(name="proc")), "--storage", "/proc/self", cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert re.match(r"error: storage /proc/\d+: not writable \(", result.stderr), result.stderr  # /proc/self resolved
