@@ -174,11 +174,17 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(format_table(read_results(Path(args.path)), args.format))
 
 
+def one_line(text: str) -> str:
+    """`text` with every character that would break the line (newlines, \\r, \\x85, ...) escaped: errors
+    quote names and values the user typed."""
+    return "".join(repr(c)[1:-1] if len(f"{c}.".splitlines()) > 1 else c for c in text)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with its errors in one line, like every other error of the command."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {self.prog}: {message} (--help shows the usage)\n")
+        self.exit(2, f"error: {self.prog}: {one_line(message)} (--help shows the usage)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (CommandError, *USER_ERRORS) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         reason = str(error).strip().splitlines()
-        print(f"error: {type(error).__name__}" + (f": {reason[0]}" if reason else "")
+        print(f"error: {type(error).__name__}" + (f": {one_line(reason[0])}" if reason else "")
               + ("" if args.debug else " (--debug shows the traceback)"), file=sys.stderr)
         return 1
     return 0

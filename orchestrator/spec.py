@@ -121,7 +121,7 @@ class AttackSpec(BaseModel):
         data = dict(data)
         params = data.pop("params") if "params" in data else {k: data.pop(k) for k in list(data) if k != "name"}
         name = data.get("name")
-        if name not in ATTACKS:
+        if not isinstance(name, str) or name not in ATTACKS:
             raise _bad("name", "required" if name is None else
                        f"unknown attack {name!r} (known: {', '.join(ATTACKS)})")
         if not isinstance(params, dict):
