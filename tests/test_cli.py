@@ -13,6 +13,7 @@ import yaml
 from mlflow import MlflowClient
 
 from backdoor import load_record
+from processes import session_pids
 
 REPO = Path(__file__).resolve().parents[1]
 SAU = [sys.executable, "-m", "orchestrator.cli"]
@@ -148,13 +149,14 @@ def test_ctrl_c_stops_the_sweep_with_an_error_and_resume_finishes_it(write_grid,
                       sau={"eps": [0.1, 0.2], "rounds": 6})
     storage = tmp_path / "sweep"
     run = subprocess.Popen([*SAU, "run", str(path), "--storage", str(storage)], cwd=REPO, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 900  # guards against a hang only: a loaded 2-core machine needed over 300 s
     while not (storage / "results").is_dir() or not any((storage / "results").glob("*.parquet")):
         assert run.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be stopped"
         time.sleep(0.2)
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=900)
+    assert session_pids(run.pid) == []  # the local Ray instance ended with the sweep
     rows = len(list((storage / "results").glob("*.parquet")))
     assert rows < 4  # two trials run at a time: at the first row, at least two were still to finish
     # A stopped trial may still finish in a worker that outlives the driver, so counts are read, not assumed.

@@ -19,8 +19,10 @@ def test_trials_run_on_the_node_that_has_their_resources(write_grid, tmp_path):
         cluster.wait_for_nodes()
         grid = load_grid(write_grid(name="cluster", sau={"eps": [0.1, 0.2]}, resources={"cpu": 2, "gpu": 0}))
         storage = tmp_path / "sweep"
+        lines = []
         df = run_sweep(grid, storage=storage, resume=False, address=cluster.address, tracking_uri=None,
-                       out=lambda line: None)
+                       out=lines.append)
+        assert lines[0] == f"joined the Ray cluster at {cluster.address} (2 nodes)"  # says which one
         assert not ray.is_initialized()  # run_sweep left the cluster it joined
     finally:
         cluster.shutdown()

@@ -23,6 +23,7 @@ import torch
 from mlflow import MlflowClient
 
 from orchestrator.results import finished_ids
+from processes import alive, listening_addresses, process_tree, session_pids
 from orchestrator.spec import expand, load_grid
 from orchestrator.sweep import SweepError, run_sweep
 from orchestrator.tracking import TRIAL_ID_TAG
@@ -97,48 +98,6 @@ def test_rerun_without_resume_fails_and_writes_nothing(grid_sweep):
     assert str(error.value) == (f"{storage} already holds sweep 'two-by-two'; "
                                 "pass --resume to continue it or choose another --storage")
     assert sorted((p, p.stat().st_mtime_ns) for p in storage.rglob("*")) == before
-
-
-def session_pids(sid: int) -> list[int]:
-    """The processes of session `sid`: the killed driver's Ray processes."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # fields after "(comm)": state, ppid, pgrp, session
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def process_tree(root: int) -> dict[int, str]:
-    """`root` and its living descendants (not zombies), by pid, with their names."""
-    stats = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            comm, fields = stat.read_text().rsplit(")", 1)
-        except OSError:
-            continue
-        state, ppid = fields.split()[:2]
-        if state != "Z":
-            stats[int(stat.parent.name)] = (int(ppid), comm.partition("(")[2])
-    tree, grew = {root: stats[root][1]} if root in stats else {}, True
-    while grew:
-        new = {pid: name for pid, (ppid, name) in stats.items() if ppid in tree and pid not in tree}
-        tree.update(new)
-        grew = bool(new)
-    return tree
-
-
-def alive(pids) -> list[int]:
-    return [pid for pid in pids if Path(f"/proc/{pid}").exists()
-            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
-
-
-def listening_addresses(pids) -> list[str]:
-    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
-    return [line.split()[3] for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids)]
 
 
 def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 600) -> None:
