@@ -179,3 +179,12 @@ def test_mode_is_validated():
     with pytest.raises(ValueError, match=r"^mode: must be one of reference, fast"):
         SAUConfig(mode="turbo")
     assert SAUConfig().mode == "reference"
+
+
+def test_a_grid_reaches_fast_mode(write_grid):
+    from orchestrator.spec import SpecError, expand, load_grid
+
+    trials = expand(load_grid(write_grid(name="fast", sau={"mode": "fast"})))
+    assert [t.sau_config().mode for t in trials] == ["fast"]
+    with pytest.raises(SpecError, match=r"sau\.mode: must be one of reference, fast"):
+        load_grid(write_grid(name="bad-mode", sau={"mode": "turbo"}))
