@@ -69,10 +69,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--arch", action="append", choices=ARCHS, help="architectures (default: all three)")
     parser.add_argument("--concurrency", action="append", type=int, help="concurrent trials (default: 1 2 4 8)")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds each trial runs (default 10)")
+    parser.add_argument("--rounds", type=int, help="rounds each trial runs (default 10; 2 with --smoke)")
     parser.add_argument("--mode", choices=("reference", "fast"), default="fast", help="SAU path (default fast)")
     parser.add_argument("--worker", metavar="ARCH", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.rounds = args.rounds or (2 if args.smoke else 10)
     device = "cpu" if args.smoke else "cuda"
     clean, size = (32, 8) if args.smoke else (2_500, 32)
     cfg = SAUConfig(mode=args.mode, **({"pgd_steps": 2, "batch_size": 16} if args.smoke else {}))

@@ -59,8 +59,8 @@ class Sizes:
 FULL = Sizes(archs=("preactresnet18", *TORCHVISION), image=32, clean=2_500, rounds=4, cfg=SAUConfig(),
              recipe=TrainRecipe(epochs=30, lr=0.1, batch_size=256), dataset=None)
 SMOKE = Sizes(archs=("cnn-small",), image=8, clean=24, rounds=2,  # 24 = a batch of 16 and a padded one of 8
-              cfg=SAUConfig(pgd_steps=2, batch_size=16), recipe=TrainRecipe(epochs=1, lr=0.05, batch_size=64),
-              dataset="digits")
+              cfg=SAUConfig(pgd_steps=2, batch_size=16, rounds=2),
+              recipe=TrainRecipe(epochs=1, lr=0.05, batch_size=64), dataset="digits")
 
 
 def sync(device: torch.device) -> None:
@@ -255,6 +255,8 @@ def main() -> None:
         given = {key: json.loads(value) for key, value in (pair.split("=", 1) for pair in args.recipe)}
         sizes = dataclasses.replace(sizes, recipe=TrainRecipe(**given))
     device = torch.device("cpu" if args.smoke else "cuda")
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny tensors: threads only contend, worst on a shared machine
     torch.backends.cudnn.benchmark = True
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

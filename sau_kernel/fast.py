@@ -105,7 +105,7 @@ class CapturedStep:
     """
 
     def __init__(self, step: Callable[..., Tensor], args: tuple[Tensor, ...], net: nn.Module,
-                 optimizer: torch.optim.Optimizer, pool=None):
+                 optimizer: torch.optim.Optimizer):
         self.inputs = tuple(arg.clone() for arg in args)
         tensors = [*net.parameters(), *net.buffers()]
         saved = [t.detach().clone() for t in tensors]
@@ -127,7 +127,7 @@ class CapturedStep:
                     else:
                         value.zero_()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph):
             self.output = step(*self.inputs)
 
     def __call__(self, *args: Tensor) -> Tensor:
@@ -160,10 +160,9 @@ class FastRounds:
             valid = torch.arange(len(rows)) < count
             self.batches.append((rows.to(self.device), valid.to(self.device), count))
         # The initial delta of a batch: drawn per batch in the reference's order for random init, else fixed.
-        self.fixed_init = {len(rows): init_delta(x_all[rows], cfg) for rows, _, _ in self.batches
+        self.fixed_init = {len(rows): init_delta(x_all[:len(rows)], cfg) for rows, _, _ in self.batches
                            if cfg.pgd_init != "random"}
         self.steps: dict[int, Callable[..., Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None  # one for all captures
 
     def step(self, index: Tensor, valid: Tensor, delta: Tensor) -> Tensor:
         return batch_step(self.net, self.ref, self.optimizer, self.x_all[index], self.y_all[index], valid, delta,
@@ -174,15 +173,16 @@ class FastRounds:
         size = len(args[0])
         if size not in self.steps:
             if self.device.type == "cuda":
-                self.steps[size] = CapturedStep(self.step, args, self.net, self.optimizer, self.pool)
+                self.steps[size] = CapturedStep(self.step, args, self.net, self.optimizer)
             else:
                 self.steps[size] = self.step
         return self.steps[size]
 
     def random_inits(self, generator: torch.Generator) -> Tensor:
         """Every batch's random initial delta, drawn in the reference's order, on the device in one copy."""
-        cpu = self.x_all[:1].cpu()
-        draws = [init_delta(cpu.expand(count, *cpu.shape[1:]), self.cfg, generator) for _, _, count in self.batches]
+        shape, dtype = self.x_all.shape[1:], self.x_all.dtype
+        draws = [init_delta(torch.empty(count, *shape, dtype=dtype), self.cfg, generator)
+                 for _, _, count in self.batches]
         return torch.cat(draws).to(self.device)
 
     def __call__(self, order: Tensor, generator: torch.Generator) -> dict[str, float]:
