@@ -99,9 +99,9 @@ def batch_step(net: nn.Module, ref: nn.Module, optimizer: torch.optim.Optimizer,
 class CapturedStep:
     """`step(*args)` captured once as a CUDA graph over static copies of `args`, then replayed (CUDA only).
 
-    The warm-up steps that capture needs run for real; `state` (every tensor they change: parameters, buffers,
-    optimizer state) is put back afterwards. Optimizer state that did not exist yet is zeroed, which is what
-    a fresh Adam state is.
+    The warm-up steps that capture needs run for real, so every tensor they change (the net's parameters and
+    buffers, the optimizer's state) is put back afterwards; optimizer state that did not exist before them is
+    zeroed, which is what a fresh Adam state is.
     """
 
     def __init__(self, step: Callable[..., Tensor], args: tuple[Tensor, ...], net: nn.Module,
@@ -138,7 +138,7 @@ class CapturedStep:
 
 
 class FastRounds:
-    """purify's rounds on the fast path: `rounds(order, generator)` runs one round over the clean set in `order`
+    """purify's rounds on the fast path: calling it with (order, generator) runs one round over the clean set in `order`
     and returns the sample-weighted sums of the loss terms, as `purify.reference_round` does."""
 
     def __init__(self, net: nn.Module, ref: nn.Module, optimizer: torch.optim.Optimizer, x_all: Tensor,
