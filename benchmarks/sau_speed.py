@@ -228,7 +228,8 @@ def environment(device: torch.device) -> dict:
     found = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
              or platform.machine(), "torch": torch.__version__, "cuda": torch.version.cuda,
              "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-             "command": " ".join(["python", *sys.argv])}
+             "command": " ".join(["python", *sys.argv]),
+             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}  # "fp32" convolutions on CUDA may run in TF32
     if device.type == "cuda":
         try:
             found["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
