@@ -17,7 +17,7 @@ from test_sau_kernel import MeanThreshold, make_batch, make_cnn, perturbed_copy
 
 from sau_kernel import SAUConfig, purify, sau_loss, shared_pgd
 from sau_kernel.fast import frozen_pgd, masked_sau_loss
-from sau_kernel.losses import clean_predictions
+from sau_kernel.losses import clean_predictions, init_delta
 
 RTOL = 1e-6
 
@@ -31,7 +31,6 @@ def setup(seed, n=16):
 
 def fast_delta(f, g, x, y, cfg, valid=None):
     valid = torch.ones(len(x), dtype=torch.bool) if valid is None else valid
-    from sau_kernel.losses import init_delta
     return frozen_pgd(f, g, x, y, valid, init_delta(x, cfg), cfg, clean_predictions(f, g, x))
 
 
