@@ -78,20 +78,25 @@ class LocalCluster:
                      "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                      "--ray-client-server-port", str(free_port()), "--temp-dir", str(temp_dir),
                      "--num-cpus", str(head_cpus), "--num-gpus", "0"],
-                    {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if head_ip == "127.0.0.1" else "1"}, nodes=1)
+                    {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if head_ip == "127.0.0.1" else "1"})
 
     def add_worker(self, ip: str, cpus: int) -> subprocess.Popen:
         """A worker node on the loopback address `ip` (127.0.0.2, ...); returns its `ray start` process."""
         return self._start(["--address", self.address, "--node-ip-address", ip, "--num-cpus", str(cpus),
-                            "--num-gpus", "0"], {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}, len(self.nodes) + 1)
+                            "--num-gpus", "0"], {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
 
-    def _start(self, args: list[str], env: dict, nodes: int) -> subprocess.Popen:
+    def _start(self, args: list[str], env: dict) -> subprocess.Popen:
         agent_ports = ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
         log = open(self.temp_dir / f"ray-start-{len(self.nodes)}.log", "w")
         node = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args, *agent_ports],
                                 env={**self.env, **env}, start_new_session=True, stdout=log, stderr=log)
         self.nodes.append(node)
-        self.wait_for_nodes(nodes)
+        # A node counts once the GCS lists it alive; nodes whose `ray start` has ended (killed) do not.
+        deadline = time.monotonic() + 180
+        while self.alive_nodes() < sum(n.poll() is None for n in self.nodes):
+            assert node.poll() is None, f"ray start exited {node.returncode}: see {log.name}"
+            assert time.monotonic() < deadline, f"Ray node not alive after 180 s: see {log.name}"
+            time.sleep(1)
         return node
 
     def alive_nodes(self) -> int:
@@ -101,14 +106,6 @@ class LocalCluster:
             return len(json.loads(out.stdout))
         except ValueError:
             return 0
-
-    def wait_for_nodes(self, count: int, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while self.alive_nodes() < count:
-            for node in self.nodes:
-                assert node.poll() is None, f"ray start exited {node.returncode}: see {self.temp_dir}"
-            assert time.monotonic() < deadline, f"fewer than {count} Ray nodes alive after {timeout} s"
-            time.sleep(1)
 
     def pids(self) -> list[int]:
         return [pid for node in self.nodes for pid in session_pids(node.pid)]
