@@ -18,7 +18,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
-CLUSTER_CONFIGS = sorted(p for p in INFRA.glob("*.yaml") if "provider" in yaml.safe_load(p.read_text()))
+CLUSTER_CONFIGS = sorted(p for p in INFRA.glob("*.yaml") if "provider" in next(yaml.safe_load_all(p.read_text())))
 
 
 def load(path: Path) -> dict:
@@ -81,7 +81,7 @@ def test_cloud_configs_have_a_cpu_head_and_gpu_spot_workers_from_zero(path):
 
 
 def test_rayjob_runs_one_grid_on_a_gpu_worker_group():
-    job = load(INFRA / "rayjob.yaml")
+    job, service = yaml.safe_load_all((INFRA / "rayjob.yaml").read_text())
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["metadata"]["name"]
     spec = job["spec"]
     argv = shlex.split(spec["entrypoint"])
@@ -93,13 +93,20 @@ def test_rayjob_runs_one_grid_on_a_gpu_worker_group():
     assert cluster["rayVersion"] == version("ray") and cluster["authOptions"] == {"mode": "token"}
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
-    assert any(c["name"] == "mlflow" for c in head["template"]["spec"]["containers"])
     (gpu,) = cluster["workerGroupSpecs"]
     assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1 and "rayStartParams" in gpu
     (worker,) = gpu["template"]["spec"]["containers"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     images = {c["image"] for group in (head, gpu) for c in group["template"]["spec"]["containers"]}
     assert images == {"REGISTRY/sau:GIT_SHA"}
+    # The trials reach the head pod's MLflow server through the Service the entrypoint names.
+    (mlflow,) = [c for c in head["template"]["spec"]["containers"] if c["name"] == "mlflow"]
+    assert service["kind"] == "Service" and "type" not in service["spec"]  # ClusterIP: not outside the cluster
+    selector = service["spec"]["selector"]
+    assert selector == {**head["template"]["metadata"]["labels"], "ray.io/node-type": "head"}
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == mlflow["ports"][0]["containerPort"]
+    assert argv[argv.index("--tracking-uri") + 1] == f"http://{service['metadata']['name']}:{port['port']}"
 
 
 def test_dockerfile_copies_what_exists_and_installs_with_the_lock():
