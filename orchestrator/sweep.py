@@ -13,6 +13,9 @@ from typing import Callable
 # Ray reads this once, when it is imported: "0" keeps a local instance on 127.0.0.1 instead of the
 # machine's network address. Joining a cluster by address works either way.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Tune's driver writes every result of every trial through a CSV, a JSON and a TensorBoard logger, each with
+# its own files per trial; sweeps keep the JSON record (result.json, each report with its node) only.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -20,6 +23,7 @@ import ray  # noqa: E402
 from optuna.storages import JournalStorage  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
 from ray import tune  # noqa: E402
+from ray.tune.logger import JsonLoggerCallback  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
@@ -123,7 +127,7 @@ def _run_trials(grid: GridSpec, storage: Path, tracking: SweepTracking | None, o
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str(storage / "tune"),
                                   failure_config=tune.FailureConfig(max_failures=2), verbose=0,
-                                  callbacks=[Finished(out, total)]))
+                                  callbacks=[Finished(out, total), JsonLoggerCallback()]))
     results = tuner.fit()
     failed = [f"trial {r.config.get('trial_id') or json.dumps(r.config)}: "
               f"{getattr(r.error, 'cause', None) or r.error!r}" for r in results if r.error is not None]

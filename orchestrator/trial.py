@@ -19,9 +19,10 @@ from typing import Callable
 
 import torch
 
-from backdoor import Metrics, clean_subset, der, eval_sets, evaluate, load_dataset, load_record, to_unit
+from backdoor import Metrics, clean_subset, der, eval_sets, evaluate, load_record, to_unit
 from sau_kernel import Progress, purify
 
+from .inputs import shared_dataset
 from .results import read_row, write_row
 from .spec import TrialSpec
 from .tracking import SweepTracking, TrialTracker
@@ -57,7 +58,7 @@ def run_trial(spec: TrialSpec, storage: Path, tracking: SweepTracking | None,
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, attack, record = load_record(storage / "models" / spec.model_key)
-    data = load_dataset(spec.dataset.name, root=spec.dataset.root, download=spec.dataset.download)
+    data = shared_dataset(spec.dataset.name, spec.dataset.root, spec.dataset.download)
     sets = eval_sets(data, attack)
     index = clean_subset(len(data.x_train), spec.clean_ratio, spec.seed)
     before = Metrics(**record.metrics)
