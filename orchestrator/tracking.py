@@ -16,6 +16,13 @@ from pathlib import Path
 
 # mlflow reads this when it is imported; its telemetry thread races the HTTP client on offline machines.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's client retries a call to a dead server for about 4 minutes (7 retries, backoff factor 2, 120 s
+# timeout). A trial's row does not need the server, so the project's clients (the driver, and every Ray worker
+# that imports this module) give up after seconds: 2 retries 1 s and 2 s apart, 15 s per request. A user's
+# own setting wins. mlflow reads these at every call.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
