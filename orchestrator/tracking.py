@@ -18,8 +18,8 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow's client retries a call to a dead server for about 4 minutes (7 retries, backoff factor 2, 120 s
 # timeout). A trial's row does not need the server, so the project's clients (the driver, and every Ray worker
-# that imports this module) give up after seconds: 2 retries 1 s and 2 s apart, 15 s per request. A user's
-# own setting wins. mlflow reads these at every call.
+# that imports this module) give up after seconds: 2 retries within about 4 s of a refused connection, 15 s
+# for a request that hangs. A user's own setting wins; mlflow reads these at every call.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
