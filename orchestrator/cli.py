@@ -1,4 +1,5 @@
-"""The `sau` command line: run a grid, attack one model, import one from BackdoorBench, purify one, report."""
+"""The `sau` command line: run a grid, attack one model, import one from BackdoorBench, purify one, report,
+sync tracking."""
 from __future__ import annotations
 
 import argparse
@@ -162,6 +163,19 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(format_table(read_results(args.path), args.format))
 
 
+def cmd_sync(args: argparse.Namespace) -> None:
+    from .storage import Storage
+    from .sync import SyncError, sync
+
+    storage = Storage(args.storage)
+    try:
+        sync(storage, args.tracking_uri)
+    except SyncError as error:
+        raise CommandError(str(error)) from None
+    except OSError as error:  # the storage cannot be reached (object-store errors are OSErrors)
+        raise CommandError(f"storage {storage}: {str(error).splitlines()[0]}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sau", description="Shared Adversarial Unlearning sweeps.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -217,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("path", help="storage (directory or URI), results directory or Parquet file")
     report.add_argument("--format", choices=("md", "csv"), default="md")
     report.set_defaults(func=cmd_report)
+
+    syn = commands.add_parser("sync", help="create the MLflow runs a sweep could not (its tracking server was down)")
+    syn.add_argument("storage", help="the sweep's storage (directory or URI)")
+    syn.add_argument("--tracking-uri", required=True, help="MLflow tracking URI to create the missing runs in")
+    syn.set_defaults(func=cmd_sync)
     return parser
 
 
