@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import optuna
 import pyarrow.fs as pafs
 import pytest
 import ray
@@ -197,3 +198,24 @@ def test_killed_driver_resumes_on_s3_and_finishes_every_trial_once(s3, write_gri
     for trial_id, state in checkpoints.items():  # continued from its checkpoint, in the same MLflow run
         assert df[df["trial_id"] == trial_id].iloc[0]["mlflow_run_id"] == state["mlflow_run_id"]
     assert not any(k.startswith("checkpoints/") for k in keys(s3, prefix))
+
+
+def test_search_on_s3_keeps_its_study_in_the_bucket(s3, write_grid, tmp_path):
+    search = {"num_samples": 2, "max_concurrent": 2, "sampler": "tpe", "seed": 0,
+              "space": {"eps": {"low": 0.05, "high": 0.3}}, "objectives": [{"metric": "der", "mode": "max"}]}
+    prefix = f"{BUCKET}/sweeps/search"
+    run_sweep(load_grid(write_grid(name="search-s3", search=search)), storage=f"s3://{prefix}", resume=False,
+              address=None, tracking_uri=None, out=lambda line: None)
+    assert "optuna.journal" in keys(s3, prefix)
+    # A resumed search on another machine (no local journal) goes on from the study in the bucket.
+    (cache_home() / "storage" / "s3" / prefix / "optuna.journal").unlink()
+    grid = load_grid(write_grid(name="search-s3", search={**search, "num_samples": 3}))
+    lines = []
+    df = run_sweep(grid, storage=f"s3://{prefix}", resume=True, address=None, tracking_uri=None, out=lines.append)
+    # (The seeded sampler may draw a point it drew before; such a trial is answered from its row.)
+    assert "search-s3: 1 trials to run, 2 already finished" in lines and len(df) in (2, 3)
+    copy = tmp_path / "optuna.journal"
+    copy.write_bytes(s3.open_input_stream(f"{prefix}/optuna.journal").read())
+    study = optuna.load_study(study_name="search-s3", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(copy))))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3  # 2 downloaded, 1 new
