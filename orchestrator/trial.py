@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
 import time
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
@@ -39,19 +38,26 @@ HISTORY_COLUMNS = ("round", "loss", "clean", "at", "sar", "seconds", *METRICS)
 
 
 def row_params(row: dict) -> dict:
-    """The trial's parameters among the columns of its row (blank ones are those other attacks have)."""
-    return {k: v for k, v in row.items() if k not in OUTCOME and v is not None and v == v}
+    """The trial's parameters (spec.flat()) among the columns of its own row."""
+    return {k: v for k, v in row.items() if k not in OUTCOME}
 
 
 def load_checkpoint(checkpoints: Storage) -> dict | None:
     """The newest checkpoint in `checkpoints` that loads, or None."""
-    for name in reversed(checkpoints.names(".pt")):
+    for name in reversed(_checkpoint_names(checkpoints)):
         data = checkpoints.read(name)
+        if data is None:
+            continue  # removed since it was listed
         try:
-            return torch.load(io.BytesIO(data), weights_only=True) if data is not None else None
-        except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError):
+            return torch.load(io.BytesIO(data), weights_only=True)
+        except Exception:  # noqa: BLE001 - a torn file fails torch.load in many ways (zip, pickle, index errors)
             continue  # an unreadable newer one: the one before it still holds
     return None
+
+
+def _checkpoint_names(checkpoints: Storage) -> list[str]:
+    """Oldest first: the names carry the round, zero-padded."""
+    return [name for name in checkpoints.names(".pt") if name.startswith("state-")]
 
 
 def save_checkpoint(checkpoints: Storage, state: dict) -> None:
@@ -60,7 +66,7 @@ def save_checkpoint(checkpoints: Storage, state: dict) -> None:
     torch.save(state, buffer)
     name = f"state-{state['purify']['round']:06d}.pt"
     checkpoints.write(name, buffer.getvalue())
-    for old in checkpoints.names(".pt"):
+    for old in _checkpoint_names(checkpoints):
         if old < name:
             checkpoints.delete(old)
 
