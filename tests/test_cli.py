@@ -153,7 +153,7 @@ def test_report_without_results_is_a_clear_error(tmp_path):
 
 
 def test_every_command_has_help():
-    for command in ([], ["run"], ["attack"], ["purify"], ["report"]):
+    for command in ([], ["run"], ["attack"], ["purify"], ["report"], ["sync"]):
         result = sau(*command, "--help")
         assert result.returncode == 0 and "usage: sau" in result.stdout
 

@@ -115,12 +115,9 @@ def listening_addresses(pids: list[int]) -> list[str]:
     return [line.split()[3] for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids)]
 
 
-def checkpoint_round(path: Path) -> int:
-    """The round a trial's checkpoint holds, 0 where there is none (yet, or any more)."""
-    try:
-        return torch.load(path, weights_only=True)["purify"]["round"]
-    except FileNotFoundError:
-        return 0
+def checkpoint_round(directory: Path) -> int:
+    """The round a trial's newest checkpoint holds (named after it), 0 where there is none (yet, or any more)."""
+    return max((int(p.stem.partition("-")[2]) for p in directory.glob("state-*.pt")), default=0)
 
 
 def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
@@ -128,7 +125,7 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
     path = write_grid(name="killed", sau={"eps": [0.1, 0.2], "rounds": [30, 2]})
     storage = tmp_path / "sweep"
     specs = {s.trial_id: s for s in expand(load_grid(path))}
-    long_trials = [storage / "checkpoints" / i / "state.pt" for i, s in specs.items() if s.sau["rounds"] == 30]
+    long_trials = [storage / "checkpoints" / i for i, s in specs.items() if s.sau["rounds"] == 30]
     script = tmp_path / "sweep.py"
     script.write_text(textwrap.dedent(f"""
         from pathlib import Path
@@ -158,8 +155,8 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
     loopback = {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}
     assert addresses and {a.rpartition(":")[0] for a in addresses} <= loopback, addresses
 
-    checkpoints = {p.parent.name: torch.load(p, weights_only=True)
-                   for p in (storage / "checkpoints").glob("*/state.pt")}
+    checkpoints = {d.name: torch.load(max(d.glob("state-*.pt")), weights_only=True)
+                   for d in (storage / "checkpoints").iterdir() if any(d.glob("state-*.pt"))}
     assert any(state["purify"]["round"] < specs[i].sau["rounds"] for i, state in checkpoints.items())
     done_before = finished_ids(storage / "results")
     df, lines = sweep(path, storage, resume=True)
