@@ -11,7 +11,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -20,6 +19,9 @@ import pytest
 import ray
 import torch
 from mlflow import MlflowClient
+
+from ray_nodes import session_pids
+from servers import wait_until_healthy
 
 from orchestrator.results import finished_ids
 from orchestrator.spec import expand, load_grid
@@ -95,19 +97,6 @@ def test_rerun_without_resume_fails_and_writes_nothing(grid_sweep):
     assert str(error.value) == (f"{storage} already holds sweep 'two-by-two'; "
                                 "pass --resume to continue it or choose another --storage")
     assert sorted((p, p.stat().st_mtime_ns) for p in storage.rglob("*")) == before
-
-
-def session_pids(sid: int) -> list[int]:
-    """The processes of session `sid`: the killed driver's Ray processes."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # fields after "(comm)": state, ppid, pgrp, session
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 def listening_addresses(pids: list[int]) -> list[str]:
@@ -236,15 +225,7 @@ def test_mlflow_server_receives_the_child_runs(write_grid, tmp_path):
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
+        wait_until_healthy(server, uri, 120)
         storage = tmp_path / "sweep"
         df, _ = sweep(write_grid(name="served"), storage, tracking_uri=uri)
         client, info, runs = child_runs(uri, storage)

@@ -8,13 +8,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import ray
 from mlflow import MlflowClient
+
+from servers import wait_until_healthy
 
 from orchestrator.spec import expand, load_grid
 from orchestrator.sweep import run_sweep
@@ -75,15 +75,7 @@ def mlflow_server(postgres, tmp_path_factory):
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
+        wait_until_healthy(server, uri, 300)
         yield uri
     finally:
         os.killpg(server.pid, signal.SIGTERM)
