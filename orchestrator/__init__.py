@@ -12,3 +12,6 @@ os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
 # Tune's newer output prints boxes (the experiment, each errored trial) whatever `verbose` says; the classic
 # output is silent at verbose=0, and the sweep prints one line per trial itself.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Tune's driver writes every result of every trial through a CSV, a JSON and a TensorBoard logger, each with
+# its own files per trial; sweeps keep the JSON record (result.json, each report with its node) only.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")

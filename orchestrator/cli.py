@@ -1,4 +1,5 @@
-"""The `sau` command line: run a grid, attack one model, import one from BackdoorBench, purify one, report."""
+"""The `sau` command line: run a grid, attack one model, import one from BackdoorBench, purify one, report,
+sync tracking."""
 from __future__ import annotations
 
 import argparse
@@ -84,15 +85,18 @@ def cmd_run(args: argparse.Namespace) -> None:
                            f"{CONFIRM_TRIALS:,}; pass --yes to run them all")
 
     from .cluster import ClusterError
+    from .storage import Storage
     from .store import StoreError
     from .sweep import SweepError, run_sweep
 
-    storage = Path(args.storage or grid.storage).expanduser().resolve()
+    storage = Storage(args.storage or grid.storage)
     try:
         run_sweep(grid, storage=storage, resume=args.resume, address=args.address,
                   tracking_uri=args.tracking_uri)
     except (ClusterError, StoreError, SweepError) as error:
         raise CommandError(str(error)) from None
+    except OSError as error:  # the storage cannot be reached or written (object-store errors are OSErrors)
+        raise CommandError(f"storage {storage}: {str(error).splitlines()[0]}") from None
 
 
 def cmd_attack(args: argparse.Namespace) -> None:
@@ -171,7 +175,20 @@ def same_dataset(a: str, b: str) -> bool:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    print(format_table(read_results(Path(args.path)), args.format))
+    print(format_table(read_results(args.path), args.format))
+
+
+def cmd_sync(args: argparse.Namespace) -> None:
+    from .storage import Storage
+    from .sync import SyncError, sync
+
+    storage = Storage(args.storage)
+    try:
+        sync(storage, args.tracking_uri)
+    except SyncError as error:
+        raise CommandError(str(error)) from None
+    except OSError as error:  # the storage cannot be reached (object-store errors are OSErrors)
+        raise CommandError(f"storage {storage}: {str(error).splitlines()[0]}") from None
 
 
 def one_line(text: str) -> str:
@@ -200,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = add_command("run", help="run a grid spec (YAML) on Ray Tune")
     run.add_argument("grid", help="grid spec (YAML)")
-    run.add_argument("--storage", help="results, models and checkpoints directory (default: the grid's `storage`)")
+    run.add_argument("--storage", help="results, models and checkpoints: a directory or an s3:// or gs:// URI "
+                                       "(default: the grid's `storage`)")
     run.add_argument("--resume", action="store_true", help="continue a killed or failed sweep in --storage")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the storage directory)")
@@ -246,9 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     pur.set_defaults(func=cmd_purify)
 
     report = add_command("report", help="print the results of a sweep as a table")
-    report.add_argument("path", help="storage directory, results directory or Parquet file")
+    report.add_argument("path", help="storage (directory or URI), results directory or Parquet file")
     report.add_argument("--format", choices=("md", "csv"), default="md")
     report.set_defaults(func=cmd_report)
+
+    syn = add_command("sync", help="create the MLflow runs a sweep could not (its tracking server was down)")
+    syn.add_argument("storage", help="the sweep's storage (directory or URI)")
+    syn.add_argument("--tracking-uri", required=True, help="MLflow tracking URI to create the missing runs in")
+    syn.set_defaults(func=cmd_sync)
     return parser
 
 

@@ -7,6 +7,7 @@ from sau_kernel import SAUConfigError
 
 from .results import ResultsError
 from .spec import SpecError
+from .storage import StorageError
 
 USER_ERRORS = (AttackError, BackdoorBenchError, DataError, ModelError, RecipeError, RecordError, ResultsError,
-               SAUConfigError, SpecError, TensorFileError)
+               SAUConfigError, SpecError, StorageError, TensorFileError)

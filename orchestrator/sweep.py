@@ -3,9 +3,7 @@ as the full grid or as an Optuna search, and the results end up as Parquet rows 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +14,7 @@ import pandas as pd
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
@@ -25,6 +24,7 @@ from .cluster import RaySession, check_resources
 from .errors import USER_ERRORS
 from .results import finished_ids, format_table, pareto_front, read_results
 from .spec import DEFAULT_CLEAN_RATIO, GridSpec, SearchSpec, TrialSpec, expand
+from .storage import Storage
 from .store import ensure_models
 from .tracking import SweepTracking, close_sweep, default_uri, open_sweep
 from .trial import run_trial
@@ -37,7 +37,7 @@ class SweepError(ValueError):
     """A sweep that cannot start or whose trials failed; one line."""
 
 
-def _trial(spec: TrialSpec, storage: Path, tracking: SweepTracking | None) -> None:
+def _trial(spec: TrialSpec, storage: Storage, tracking: SweepTracking | None) -> None:
     try:
         run_trial(spec, storage, tracking, report=lambda m: tune.report({"trial": spec.trial_id, **m}))
     except USER_ERRORS as error:
@@ -46,13 +46,13 @@ def _trial(spec: TrialSpec, storage: Path, tracking: SweepTracking | None) -> No
         tune.report({"trial": spec.trial_id, "error": f"{type(error).__name__}: {error}"})
 
 
-def grid_trial(config: dict, specs: dict[str, TrialSpec], storage: Path, tracking: SweepTracking | None) -> None:
+def grid_trial(config: dict, specs: dict[str, TrialSpec], storage: Storage, tracking: SweepTracking | None) -> None:
     """A Tune trial of the grid. A trial Tune retries after a failure (FailureConfig) continues from its
-    own checkpoint, storage/checkpoints/<trial_id>, which run_trial writes; Tune checkpoints are not used."""
+    own checkpoint, storage/checkpoints/<trial_id>/, which run_trial writes; Tune checkpoints are not used."""
     _trial(specs[config["trial_id"]], storage, tracking)
 
 
-def search_trial(config: dict, base: TrialSpec, storage: Path, tracking: SweepTracking | None) -> None:
+def search_trial(config: dict, base: TrialSpec, storage: Storage, tracking: SweepTracking | None) -> None:
     """A Tune trial of a search: `base` with the SAU values the searcher sampled (retried like grid_trial).
     A sample that repeats a finished one is answered from its row."""
     _trial(base.with_sau(**config), storage, tracking)
@@ -89,13 +89,17 @@ class Finished(tune.Callback):
                  f"ASR {r['asr_after']:.1%}  RA {r['ra_after']:.1%}  DER {r['der']:.3f}")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _journal(storage: Storage) -> Path:
+    """The Optuna journal, on this machine's disk: an append-only file cannot live on an object store. There,
+    the journal is a local copy (Storage.local_dir) that is uploaded after each search and downloaded by a
+    resumed search on a machine that lacks it."""
+    path = storage.local_dir() / "optuna.journal"
+    if not storage.is_local and not path.exists() and storage.exists("optuna.journal"):
+        Storage(path.parent).write(path.name, storage.read("optuna.journal"))
+    return path
 
 
-def _searcher(grid: GridSpec, storage: Path) -> ConcurrencyLimiter:
+def _searcher(grid: GridSpec, storage: Storage) -> ConcurrencyLimiter:
     search: SearchSpec = grid.search
     space = {}
     for name, dim in search.space.items():
@@ -109,13 +113,15 @@ def _searcher(grid: GridSpec, storage: Path) -> ConcurrencyLimiter:
     if len(metrics) == 1:
         metrics, modes = metrics[0], modes[0]
     # The journal keeps the study beyond Tune's experiment, so a resumed search goes on learning from it.
-    journal = JournalStorage(JournalFileBackend(str(storage / "optuna.journal")))
+    path = _journal(storage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    journal = JournalStorage(JournalFileBackend(str(path)))
     searcher = OptunaSearch(space, metric=metrics, mode=modes, sampler=SAMPLERS[search.sampler](seed=search.seed),
                             study_name=grid.name, storage=journal)
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
 
 
-def _run_trials(grid: GridSpec, storage: Path, tracking: SweepTracking | None, out) -> tuple[list[str], int]:
+def _run_trials(grid: GridSpec, storage: Storage, tracking: SweepTracking | None, out) -> tuple[list[str], int]:
     """Train the missing models (stage 1), then run the trials still to do on Ray Tune (stage 2);
     returns one line per failed trial, and how many trials Tune stopped unfinished (Ctrl-C)."""
     finished = finished_ids(storage / "results")
@@ -138,10 +144,14 @@ def _run_trials(grid: GridSpec, storage: Path, tracking: SweepTracking | None, o
         param_space=param_space,
         tune_config=tune.TuneConfig(num_samples=1 if searcher is None else total, search_alg=searcher,
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str(storage / "tune"),
+        run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), **storage.tune_storage(),
                                   failure_config=tune.FailureConfig(max_failures=2), verbose=0,
-                                  callbacks=[Finished(out, total)]))
-    results = tuner.fit()
+                                  callbacks=[Finished(out, total), JsonLoggerCallback()]))
+    try:
+        results = tuner.fit()
+    finally:
+        if searcher is not None and not storage.is_local:
+            storage.write("optuna.journal", _journal(storage).read_bytes())
     failed = [f"trial {r.config.get('trial_id') or json.dumps(r.config)}: "
               f"{getattr(r.error, 'cause', None) or r.error!r}" for r in results if r.error is not None]
     failed += [f"trial {r.metrics['trial']}: {r.metrics['error']}" for r in results if "error" in r.metrics]
@@ -182,31 +192,16 @@ def _check_clean_subsets(grid: GridSpec, n: int, num_classes: int) -> None:
             raise SweepError(f"sau.{error}") from None
 
 
-def _check_storage(storage: Path) -> None:
-    """Create `storage` and a file in it, and remove both again: an unwritable storage fails in one line,
-    and nothing is left behind yet."""
-    created = [p for p in (storage, *storage.parents) if not p.exists()]  # deepest first
-    try:
-        storage.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=storage).close()
-    except OSError as error:
-        raise SweepError(f"storage {storage}: not writable ({error.strerror or error})") from None
-    finally:
-        for path in created:
-            with contextlib.suppress(OSError):
-                path.rmdir()
-
-
-def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | None, tracking_uri: str | None,
-              out: Callable[[str], None] = print) -> pd.DataFrame:
-    """Run `grid` with everything it produces under `storage`; returns the grid's result rows.
+def run_sweep(grid: GridSpec, *, storage: Storage | str | Path, resume: bool, address: str | None,
+              tracking_uri: str | None, out: Callable[[str], None] = print) -> pd.DataFrame:
+    """Run `grid` with everything it produces under `storage` (a path or a URI); returns the grid's result rows.
 
     A killed or failed sweep continues with `resume`: finished trials are skipped, and unfinished ones
     continue from their checkpoints. `address` (or RAY_ADDRESS) joins a Ray cluster, else a local instance
-    is started; `tracking_uri` defaults to sqlite in `storage`."""
-    storage = Path(storage).resolve()
-    info_path = storage / "sweep.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else None
+    is started; `tracking_uri` defaults to sqlite in storage.local_dir()."""
+    storage = storage if isinstance(storage, Storage) else Storage(storage)
+    info_text = storage.read("sweep.json")
+    info = json.loads(info_text) if info_text is not None else None
     if info is not None and not resume:
         raise SweepError(f"{storage} already holds sweep {info['grid']!r}; "
                          "pass --resume to continue it or choose another --storage")
@@ -214,20 +209,20 @@ def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | Non
         raise SweepError(f"{storage} holds sweep {info['grid']!r}, not {grid.name!r}; choose another --storage")
 
     _check_against_data(grid)
-    _check_storage(storage)
+    storage.check_writable()
 
     ray_session, tracking = RaySession.connect(address, out), None
     try:
         check_resources(grid.resources)
-        storage.mkdir(parents=True, exist_ok=True)
-        uri = tracking_uri or grid.tracking_uri or default_uri(storage)
+        storage.local_dir().mkdir(parents=True, exist_ok=True)
+        uri = tracking_uri or grid.tracking_uri or default_uri(storage.local_dir())
         sweep_name = info["sweep"] if info else f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parent = info["parent_run_id"] if info and info["tracking_uri"] == uri else None
-        tracking = open_sweep(uri, grid.name, sweep_name, storage / "mlartifacts", resume_parent=parent)
-        _write_atomic(info_path, json.dumps({
+        tracking = open_sweep(uri, grid.name, sweep_name, storage.local_dir() / "mlartifacts", resume_parent=parent)
+        storage.write("sweep.json", (json.dumps({
             "grid": grid.name, "sweep": sweep_name, "tracking_uri": uri,
             "experiment_id": tracking and tracking.experiment_id,
-            "parent_run_id": tracking and tracking.parent_run_id}, indent=2) + "\n")
+            "parent_run_id": tracking and tracking.parent_run_id}, indent=2) + "\n").encode())
         failed, unfinished = _run_trials(grid, storage, tracking, out)
     except BaseException as error:
         close_sweep(tracking, [], _ended(error))
@@ -255,7 +250,7 @@ def _ended(error: BaseException) -> str:
     return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
 
 
-def _finish(grid: GridSpec, storage: Path, tracking: SweepTracking | None, failed: list[str], unfinished: int,
+def _finish(grid: GridSpec, storage: Storage, tracking: SweepTracking | None, failed: list[str], unfinished: int,
             out: Callable[[str], None]) -> pd.DataFrame:
     """Print the results (and a search's Pareto front), attach them to the parent run and close it."""
     df = read_results(storage) if finished_ids(storage / "results") else pd.DataFrame()
@@ -268,7 +263,8 @@ def _finish(grid: GridSpec, storage: Path, tracking: SweepTracking | None, faile
         if grid.search is not None and len(grid.search.objectives) == 2 and len(df):
             front = pareto_front(df, [(o.metric, o.mode) for o in grid.search.objectives])
             out(f"Pareto front ({len(front)} of {len(df)} trials):\n{format_table(front)}")
-            _write_atomic(storage / "pareto.csv", front.to_csv(index=False))
-            artifacts.append(storage / "pareto.csv")
+            artifacts.append(Path(tmp) / "pareto.csv")
+            artifacts[-1].write_text(front.to_csv(index=False))
+            storage.write("pareto.csv", artifacts[-1].read_bytes())
         close_sweep(tracking, artifacts, "FAILED" if failed else "KILLED" if unfinished else "FINISHED")
     return df

@@ -1,49 +1,93 @@
 """One SAU trial, a pure function of its spec: purify a stored backdoored model, evaluate it, write its row.
 
 Nothing here imports Ray: Ray schedules a trial, it does not define it. Every eval_every rounds (and after
-the last) the trial evaluates, sends its metrics to MLflow and checkpoints to
-storage/checkpoints/<trial_id>/state.pt; a trial that finds that file continues from it.
+the last) the trial evaluates, sends its metrics to MLflow and checkpoints to a new object
+storage/checkpoints/<trial_id>/state-<round>.pt; a trial that finds one continues from the newest that loads.
+A finished trial writes its round history (history/<trial_id>.csv), then its row (results/<trial_id>.parquet):
+a row that exists means a finished trial.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from importlib.metadata import version
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from backdoor import Metrics, clean_subset, der, eval_sets, evaluate, load_dataset, load_record, to_unit
+from backdoor import Metrics, clean_subset, der, eval_sets, evaluate, load_record, to_unit
 from sau_kernel import Diverged, Progress, purify
 
+from .inputs import shared_dataset
 from .results import read_row, write_row
 from .spec import TrialSpec
+from .storage import Storage
+from .store import fetch_record
 from .tracking import SweepTracking, TrialTracker
 
+METRICS = tuple(f.name for f in fields(Metrics))
+# The columns of a row beside the trial's parameters (spec.flat()); FINAL also go to MLflow as final metrics.
+FINAL = (*(f"{m}_before" for m in METRICS), *(f"{m}_after" for m in METRICS), "der", "seconds_sau",
+         "seconds_total")
+OUTCOME = ("trial_id", "grid", *FINAL, "status", "rounds_done", "device", "torch_version", "sau_version",
+           "mlflow_run_id", "finished_at")
+HISTORY_COLUMNS = ("round", "loss", "clean", "at", "sar", "seconds", *METRICS)
 
-def checkpoint_path(storage: Path, trial_id: str) -> Path:
-    return storage / "checkpoints" / trial_id / "state.pt"
+
+def row_params(row: dict) -> dict:
+    """The trial's parameters (spec.flat()) among the columns of its own row."""
+    return {k: v for k, v in row.items() if k not in OUTCOME}
 
 
-def _save(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def load_checkpoint(checkpoints: Storage) -> dict | None:
+    """The newest checkpoint in `checkpoints` that loads, or None."""
+    for name in reversed(_checkpoint_names(checkpoints)):
+        data = checkpoints.read(name)
+        if data is None:
+            continue  # removed since it was listed
+        try:
+            return torch.load(io.BytesIO(data), weights_only=True)
+        except Exception:  # noqa: BLE001 - a torn file fails torch.load in many ways (zip, pickle, index errors)
+            continue  # an unreadable newer one: the one before it still holds
+    return None
+
+
+def _checkpoint_names(checkpoints: Storage) -> list[str]:
+    """Oldest first: the names carry the round, zero-padded."""
+    return [name for name in checkpoints.names(".pt") if name.startswith("state-")]
+
+
+def save_checkpoint(checkpoints: Storage, state: dict) -> None:
+    """Store `state` as a new object named after its round, then drop the older ones."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    name = f"state-{state['purify']['round']:06d}.pt"
+    checkpoints.write(name, buffer.getvalue())
+    for old in _checkpoint_names(checkpoints):
+        if old < name:
+            checkpoints.delete(old)
+
+
+def history_csv(history: list, evaluated: dict[int, dict]) -> str:
+    """One line per round: its losses and seconds, and its ACC, ASR, RA where the trial evaluated."""
+    lines = [",".join(HISTORY_COLUMNS)]
+    for h in history:
+        metrics = evaluated.get(h.round, {})
+        lines.append(",".join(str(v) for v in (h.round, h.loss, h.clean, h.at, h.sar, h.seconds,
+                                                *(metrics.get(m, "") for m in METRICS))))
+    return "\n".join(lines) + "\n"
 
 
 def _after(before: Metrics, after: Metrics) -> dict[str, float]:
     return {**{f"{k}_after": v for k, v in asdict(after).items()}, "der": der(before, after)}
 
 
-def run_trial(spec: TrialSpec, storage: Path, tracking: SweepTracking | None,
+def run_trial(spec: TrialSpec, storage: Storage, tracking: SweepTracking | None,
               report: Callable[[dict], None] | None = None) -> dict:
     """Run the trial `spec` on the model in storage/models/<model_key>; write and return its result row.
 
@@ -57,18 +101,19 @@ def run_trial(spec: TrialSpec, storage: Path, tracking: SweepTracking | None,
         return done
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, attack, record = load_record(storage / "models" / spec.model_key)
-    data = load_dataset(spec.dataset.name, root=spec.dataset.root, download=spec.dataset.download)
+    model, attack, record = load_record(fetch_record(storage / "models" / spec.model_key))
+    data = shared_dataset(spec.dataset.name, spec.dataset.root, spec.dataset.download)
     sets = eval_sets(data, attack)
     index = clean_subset(len(data.x_train), spec.clean_ratio, spec.seed)
     before = Metrics(**record.metrics)
     cfg = spec.sau_config()
 
-    path = checkpoint_path(storage, spec.trial_id)
-    state = torch.load(path, weights_only=True) if path.exists() else None
+    checkpoints = storage / "checkpoints" / spec.trial_id
+    state = load_checkpoint(checkpoints)
     tracker = TrialTracker(tracking, spec.trial_id, spec.flat(), run_id=state and state["mlflow_run_id"])
     latest = state["latest"] if state else _after(before, before)
     seconds_before = state["seconds"] if state else 0.0  # spent by earlier, interrupted attempts
+    evaluated = state["evaluated"] if state else {}  # round -> ACC, ASR, RA
 
     def on_round(progress: Progress) -> None:
         nonlocal latest
@@ -78,10 +123,12 @@ def run_trial(spec: TrialSpec, storage: Path, tracking: SweepTracking | None,
         if log.round % spec.eval_every == 0 or log.round == cfg.rounds:
             after = evaluate(progress.model, sets, device=device)
             latest = _after(before, after)
+            evaluated[log.round] = asdict(after)
             tracker.log(log.round, asdict(after))
             tracker.flush()  # before the checkpoint: a rerun of these rounds is then never logged twice
-            _save(path, {"purify": progress.state_dict(), "mlflow_run_id": tracker.run_id, "latest": latest,
-                         "seconds": seconds_before + time.perf_counter() - start})
+            save_checkpoint(checkpoints, {
+                "purify": progress.state_dict(), "mlflow_run_id": tracker.run_id, "latest": latest,
+                "evaluated": evaluated, "seconds": seconds_before + time.perf_counter() - start})
         if report is not None:
             report({"round": log.round, **losses, **latest})
 
@@ -102,11 +149,12 @@ def run_trial(spec: TrialSpec, storage: Path, tracking: SweepTracking | None,
            "device": f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu",
            "torch_version": torch.__version__, "sau_version": version("sau-orchestrator"),
            "mlflow_run_id": tracker.run_id, "finished_at": datetime.now(timezone.utc)}
+    rounds_csv = history_csv(history, evaluated)
+    # The history first: a row that exists has its history beside it, for `sau sync`.
+    (storage / "history").write(f"{spec.trial_id}.csv", rounds_csv.encode())
     write_row(storage / "results", row)
-    final = {k: row[k] for k in ("acc_before", "asr_before", "ra_before", *latest, "seconds_sau", "seconds_total")}
+    final = {k: row[k] for k in FINAL}
     tracker.log(len(history), final, final=True)
-    history_csv = "round,loss,clean,at,sar,seconds\n" + "".join(
-        f"{h.round},{h.loss},{h.clean},{h.at},{h.sar},{h.seconds}\n" for h in history)
-    tracker.finish({"history.csv": history_csv, "row.json": json.dumps(row, default=str, indent=1)})
-    shutil.rmtree(path.parent, ignore_errors=True)
+    tracker.finish({"history.csv": rounds_csv, "row.json": json.dumps(row, default=str, indent=1)})
+    checkpoints.delete_tree()
     return row

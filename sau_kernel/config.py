@@ -12,6 +12,7 @@ MAX_SEED = 2**32 - 1
 # mistyped 1e9 from being accepted as a sweep that never ends.
 MAX_ROUNDS = 100_000
 MAX_PGD_STEPS = 1_000
+MODES = ("reference", "fast")  # the same function; see sau_kernel/fast.py
 
 
 class SAUConfigError(ValueError):
@@ -34,6 +35,7 @@ class SAUConfig:
     batch_size: int = 256
     train_bn: bool = False
     seed: int = 0
+    mode: str = "reference"  # the readable code is the default; "fast" is shown to compute the same function
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -49,6 +51,7 @@ class SAUConfig:
             ("pgd_steps", 1 <= self.pgd_steps <= MAX_PGD_STEPS, f"must be in [1, {MAX_PGD_STEPS}]"),
             ("pgd_step_size", self.pgd_step_size > 0, "must be > 0"),
             ("pgd_init", self.pgd_init in PGD_INITS, f"must be one of {', '.join(PGD_INITS)}"),
+            ("mode", self.mode in MODES, f"must be one of {', '.join(MODES)}"),
             ("lr", self.lr > 0, "must be > 0"),
             ("rounds", 1 <= self.rounds <= MAX_ROUNDS, f"must be in [1, {MAX_ROUNDS}]"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),

@@ -99,7 +99,7 @@ def test_trial_id_changes_with_every_sau_value(tmp_path):
     base = expand(load_grid(write(tmp_path, QUICKSTART)))[0]
     other = {"eps": 0.3, "pgd_steps": 6, "pgd_step_size": 0.1, "pgd_init": "zero", "beta_adv": 0.02,
              "beta_js": 2.0, "lmd_clean": 0.5, "lmd_at": 0.1, "lmd_sar": 2.0, "lr": 0.001, "rounds": 11,
-             "batch_size": 128, "train_bn": True, "clean_ratio": 0.3}
+             "batch_size": 128, "train_bn": True, "mode": "fast", "clean_ratio": 0.3}
     assert set(other) == {k for k in asdict(SAUConfig()) if k != "seed"} | {"clean_ratio"}
     ids = {base.trial_id} | {base.with_sau(**{k: v}).trial_id for k, v in other.items()}
     assert len(ids) == len(other) + 1

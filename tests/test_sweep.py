@@ -1,18 +1,15 @@
 """The sweep driver end to end: a real local Ray instance, MLflow sqlite store and server, Optuna, Parquet."""
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -22,8 +19,10 @@ import ray
 import torch
 from mlflow import MlflowClient
 
+from processes import (LOOPBACK, alive, free_port, kill_session, listening_addresses, process_tree, session_pids,
+                       wait_until_healthy)
+
 from orchestrator.results import finished_ids
-from processes import alive, listening_addresses, process_tree, session_pids
 from orchestrator.spec import expand, load_grid
 from orchestrator.sweep import SweepError, run_sweep
 from orchestrator.tracking import TRIAL_ID_TAG
@@ -119,13 +118,12 @@ def test_local_sweep_is_local_says_one_line_per_fault_and_leaves_nothing(write_g
     seen = set()
     try:
         checkpoints = storage / "checkpoints"
-        wait_for(lambda: any(checkpoint_round(p) >= 2 for p in checkpoints.glob("*/state.pt")), "a checkpoint", driver)
+        wait_for(lambda: any(checkpoint_round(d) >= 2 for d in checkpoints.glob("*")), "a checkpoint", driver)
         processes = process_tree(driver.pid)
         seen = set(processes)
         assert "gcs_server" in processes.values() and "raylet" in processes.values(), processes
         addresses = listening_addresses(processes)
-        loopback = {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}
-        assert addresses and {a.rpartition(":")[0] for a in addresses} <= loopback, addresses
+        assert addresses and {a.rpartition(":")[0] for a in addresses} <= LOOPBACK, addresses
         assert (Path.home() / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
 
         # A fault Tune recovers from: a trial's worker dies; the trial continues from its checkpoint.
@@ -149,12 +147,9 @@ def test_local_sweep_is_local_says_one_line_per_fault_and_leaves_nothing(write_g
     assert MlflowClient(info["tracking_uri"]).get_run(info["parent_run_id"]).info.status == "KILLED"
 
 
-def checkpoint_round(path: Path) -> int:
-    """The round a trial's checkpoint holds, 0 where there is none (yet, or any more)."""
-    try:
-        return torch.load(path, weights_only=True)["purify"]["round"]
-    except FileNotFoundError:
-        return 0
+def checkpoint_round(directory: Path) -> int:
+    """The round a trial's newest checkpoint holds (named after it), 0 where there is none (yet, or any more)."""
+    return max((int(p.stem.partition("-")[2]) for p in directory.glob("state-*.pt")), default=0)
 
 
 def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
@@ -162,7 +157,7 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
     path = write_grid(name="killed", sau={"eps": [0.1, 0.2], "rounds": [30, 2]})
     storage = tmp_path / "sweep"
     specs = {s.trial_id: s for s in expand(load_grid(path))}
-    long_trials = [storage / "checkpoints" / i / "state.pt" for i, s in specs.items() if s.sau["rounds"] == 30]
+    long_trials = [storage / "checkpoints" / i for i, s in specs.items() if s.sau["rounds"] == 30]
     script = tmp_path / "sweep.py"
     script.write_text(textwrap.dedent(f"""
         from pathlib import Path
@@ -183,13 +178,11 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
             time.sleep(0.2)
         os.killpg(driver.pid, signal.SIGKILL)
     finally:
-        for pid in session_pids(driver.pid):  # Ray's workers and agents outlive a killed driver
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_session(driver.pid)  # Ray's workers and agents outlive a killed driver
         driver.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    checkpoints = {p.parent.name: torch.load(p, weights_only=True)
-                   for p in (storage / "checkpoints").glob("*/state.pt")}
+    checkpoints = {d.name: torch.load(max(d.glob("state-*.pt")), weights_only=True)
+                   for d in (storage / "checkpoints").iterdir() if any(d.glob("state-*.pt"))}
     assert any(state["purify"]["round"] < specs[i].sau["rounds"] for i, state in checkpoints.items())
     done_before = finished_ids(storage / "results")
     df, lines = sweep(path, storage, resume=True)
@@ -242,12 +235,6 @@ def test_single_objective_search_runs_and_resumes(write_grid, tmp_path):
     assert len(df) == 2 and "search1: 0 trials to run, 2 already finished" in lines
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_tracking_server_loses_no_row(write_grid, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
@@ -269,15 +256,7 @@ def test_mlflow_server_receives_the_child_runs(write_grid, tmp_path):
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
+        wait_until_healthy(server, uri, 120)
         storage = tmp_path / "sweep"
         df, _ = sweep(write_grid(name="served"), storage, tracking_uri=uri)
         client, info, runs = child_runs(uri, storage)
