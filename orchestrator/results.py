@@ -1,4 +1,8 @@
-"""Result rows: one Parquet object per finished trial in a storage, read back as one pandas table."""
+"""Result rows: one Parquet object per finished trial in a storage, read back as one pandas table.
+
+A row is written with page checksums and read back with them verified; Parquet's footer makes a torn file
+unreadable. A row that does not read back whole is no finished trial: it is set aside and its trial runs again.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import Storage, StorageError
+from .storage import Corrupt, Storage, StorageError
 
 BEFORE_AFTER = ("acc", "asr", "ra")  # shown as before→after
 
@@ -24,18 +28,33 @@ def _at(where: Storage | str | os.PathLike) -> Storage:
 
 def _parquet(row: dict) -> bytes:
     buffer = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist([row]), buffer)
+    pq.write_table(pa.Table.from_pylist([row]), buffer, write_page_checksum=True)
     return buffer.getvalue().to_pybytes()
 
 
 def _table(data: bytes) -> pa.Table:
-    return pq.read_table(pa.BufferReader(data))
+    return pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
+
+
+def _row(results: Storage, name: str) -> pa.Table | None:
+    """The row stored as `name`, or None where there is none or it does not read back whole (set aside)."""
+    data = results.read(name)
+    if data is None:
+        return None
+    try:
+        table = _table(data)
+        if table.num_rows != 1:
+            raise Corrupt(f"{table.num_rows} rows, expected one")
+        return table
+    except (pa.ArrowException, OSError, Corrupt) as error:
+        results.set_aside(name, f"unreadable row ({str(error).splitlines()[0]})", "its trial runs again")
+        return None
 
 
 def read_row(results: Storage | str | os.PathLike, trial_id: str) -> dict | None:
-    """The row of `trial_id`, or None if it has none."""
-    data = _at(results).read(f"{trial_id}.parquet")
-    return None if data is None else _table(data).to_pylist()[0]
+    """The row of `trial_id`, or None if it has none (or none that reads back whole)."""
+    table = _row(_at(results), f"{trial_id}.parquet")
+    return None if table is None else table.to_pylist()[0]
 
 
 def write_row(results: Storage | str | os.PathLike, row: dict) -> str:
@@ -47,8 +66,9 @@ def write_row(results: Storage | str | os.PathLike, row: dict) -> str:
 
 
 def finished_ids(results: Storage | str | os.PathLike) -> set[str]:
-    """Ids of the trials that have a row in `results` (empty if it does not exist)."""
-    return {name.removesuffix(".parquet") for name in _at(results).names(".parquet")}
+    """Ids of the trials that have a row in `results` that reads back whole (empty if it does not exist)."""
+    results = _at(results)
+    return {name.removesuffix(".parquet") for name in results.names(".parquet") if _row(results, name) is not None}
 
 
 def read_results(path: Storage | str | os.PathLike) -> pd.DataFrame:

@@ -6,13 +6,20 @@ checks on what is read (checksums, set-aside files) have one place to live. Keys
 store has no rename, so an object is serialised in memory first and then written under its final key in one
 request (an exception inside an open output stream would still commit a partial object). Either way a killed
 writer leaves nothing a reader could take for finished.
+
+What is read back is checked: `write_checked` puts a SHA-256 of the payload in front of it, and
+`read_checked` raises Corrupt where the object does not match it (flipped bytes, a torn file). An object that
+does not read back whole is set aside (`set_aside`: moved to _corrupt/ beside it, with one warning line), so
+that the sweep redoes what it held and the file stays for a look.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -21,8 +28,17 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 
+# A checked object: this prefix, the payload's SHA-256 in hex and a newline, then the payload.
+CHECKED = b"sau-sha256 "
+SET_ASIDE = "_corrupt"  # a leading "_": pyarrow's data sets (a results/ directory read whole) skip it
+
+
 class StorageError(ValueError):
     """A storage location that cannot be used; one line naming it."""
+
+
+class Corrupt(ValueError):
+    """An object that does not read back whole; the message says why."""
 
 
 def cache_home() -> Path:
@@ -130,6 +146,48 @@ class Storage:
         else:
             with self.fs.open_output_stream(self._key(name)) as f:
                 f.write(data)
+
+    def write_checked(self, name: str, data: bytes) -> None:
+        """Write `data` as `name` with its checksum in front; read it back with read_checked."""
+        self.write(name, CHECKED + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+
+    def read_checked(self, name: str) -> bytes | None:
+        """The payload of the checked object `name`, or None if there is none; Corrupt if it does not match
+        its checksum."""
+        blob = self.read(name)
+        if blob is None:
+            return None
+        header, newline, data = blob.partition(b"\n")
+        if not header.startswith(CHECKED) or not newline:
+            raise Corrupt("no checksum header (torn, or not written as a checked object)")
+        if hashlib.sha256(data).hexdigest().encode() != header[len(CHECKED):]:
+            raise Corrupt("its SHA-256 does not match the one stored with it (corrupt or torn)")
+        return data
+
+    def set_aside(self, name: str, reason: str, then: str) -> None:
+        """Move the file or directory `name` that did not read back whole to _corrupt/<name> beside it, with one
+        warning line: what it is, `reason`, where it went and what happens `then`. Nothing if it is gone
+        already (another reader set it aside)."""
+        target = f"{SET_ASIDE}/{name}"
+        info = self._info(name)
+        if info.type == pafs.FileType.NotFound:
+            return
+        if info.type == pafs.FileType.File:
+            sources = [name]
+        else:  # an object store moves files only
+            selector = pafs.FileSelector(self._key(name), recursive=True)
+            sources = [name + f.path[len(self._key(name)):] for f in self.fs.get_file_info(selector)
+                       if f.type == pafs.FileType.File]
+        try:
+            for source in sources:
+                self.fs.create_dir(self._key(f"{SET_ASIDE}/{source}").rpartition("/")[0])
+                self.fs.move(self._key(source), self._key(f"{SET_ASIDE}/{source}"))
+        except FileNotFoundError:
+            return
+        if info.type == pafs.FileType.Directory:
+            (self / name).delete_tree()
+        print(f"warning: {self.location(name)}: {reason}; set aside as {self.location(target)}; {then}",
+              file=sys.stderr)
 
     def check_writable(self) -> None:
         """Write a probe file into this directory and remove it (and any directory made for it) again: a storage

@@ -25,8 +25,26 @@ class StoreError(ValueError):
     """A backdoored model that could not be trained; one line naming the model and the cause."""
 
 
-def has_record(record: Storage) -> bool:
-    return record.exists("record.json")
+def intact_record(models: Storage, key: str) -> bool:
+    """Whether models/<key> holds a whole model record: its record.json (written last) and each file matching
+    its SHA-256 there. A damaged one is set aside, and stage 1 trains it again: records are content-addressed."""
+    record = models / key
+    meta = record.read("record.json")
+    if meta is None:
+        return False  # none yet, or its writer died before the last file
+    try:
+        checksums = json.loads(meta)["sha256"]
+        broken = [name for name in FILES if _sha256(record.read(name)) != checksums.get(name)]
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or no sha256 object in it
+        broken = ["record.json"]
+    if broken:
+        models.set_aside(key, f"damaged model record ({', '.join(broken)}: missing or not matching the SHA-256 "
+                              "in record.json)", "stage 1 trains the model again")
+    return not broken
+
+
+def _sha256(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
 
 
 def put_record(directory: Path, record: Storage) -> None:
@@ -68,7 +86,7 @@ def ensure_models(specs: list[TrialSpec], models: Storage, resources: Resources,
     """Train the models of `specs` that models/<model_key> does not hold yet, in parallel on Ray.
 
     Waits for all of them; if any failed, raises StoreError for the first (the others are kept)."""
-    missing = {spec.model_key: spec for spec in specs if not has_record(models / spec.model_key)}
+    missing = {spec.model_key: spec for spec in specs if not intact_record(models, spec.model_key)}
     if missing:
         out(f"stage 1: training {len(missing)} backdoored models")
     task = ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu)(train_model)

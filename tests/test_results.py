@@ -63,6 +63,20 @@ def test_temp_files_are_invisible(tmp_path):
     assert pd.read_parquet(tmp_path)["trial_id"].tolist() == ["a" * 16]  # as a pyarrow data set, too
 
 
+def test_a_torn_row_is_no_finished_trial_and_is_set_aside(tmp_path, capfd):
+    write_row(tmp_path, row("a" * 16))
+    write_row(tmp_path, row("b" * 16))
+    torn = tmp_path / f"{'b' * 16}.parquet"
+    torn.write_bytes(torn.read_bytes()[:-12])  # a writer that died mid-file: no footer
+    assert finished_ids(tmp_path) == {"a" * 16}
+    (line,) = capfd.readouterr().err.splitlines()
+    assert line.startswith(f"warning: {torn}: unreadable row (") and line.endswith(
+        f"set aside as {tmp_path / '_corrupt' / torn.name}; its trial runs again")
+    assert (tmp_path / "_corrupt" / torn.name).is_file() and not torn.exists()
+    assert read_row(tmp_path, "b" * 16) is None and finished_ids(tmp_path) == {"a" * 16}
+    assert pd.read_parquet(tmp_path)["trial_id"].tolist() == ["a" * 16]  # pyarrow's data sets skip _corrupt/
+
+
 def test_no_results(tmp_path):
     assert finished_ids(tmp_path / "missing") == set()
     with pytest.raises(ResultsError) as info:

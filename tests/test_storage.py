@@ -1,5 +1,7 @@
 """The storage layer on a local directory; the object-store side runs end to end in test_object_storage.py."""
 
+import hashlib
+import json
 import os
 import pickle
 import subprocess
@@ -9,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.storage import Storage, StorageError
+from orchestrator.storage import Corrupt, Storage, StorageError
+from orchestrator.store import intact_record
 from orchestrator.trial import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,3 +84,65 @@ def test_the_newest_checkpoint_that_loads_wins_and_older_ones_go(tmp_path):
     checkpoints.write("state-000006.pt", b"torn or corrupt")
     assert load_checkpoint(checkpoints)["purify"]["round"] == 4
     assert torch.equal(load_checkpoint(checkpoints)["purify"]["model"]["w"], torch.full((2,), 4.0))
+
+
+def test_checked_objects_refuse_flipped_bits_and_torn_ends(tmp_path):
+    storage = Storage(tmp_path)
+    storage.write_checked("a", b"payload")
+    assert storage.read_checked("a") == b"payload" and storage.read_checked("missing") is None
+    blob = storage.read("a")
+    for damaged in (blob[:-1] + bytes([blob[-1] ^ 1]), blob[:-3], b"payload"):
+        storage.write("a", damaged)
+        with pytest.raises(Corrupt):
+            storage.read_checked("a")
+
+
+def test_a_corrupt_checkpoint_is_set_aside_and_the_one_before_is_used(tmp_path, capfd):
+    checkpoints = Storage(tmp_path) / "checkpoints" / "t1"
+    save_checkpoint(checkpoints, state(2))
+    newer = Storage(tmp_path / "elsewhere")
+    save_checkpoint(newer, state(4))
+    blob = bytearray(newer.read("state-000004.pt"))
+    blob[len(blob) // 2] ^= 1  # one flipped bit, as a bad disk or a bad copy leaves it
+    checkpoints.write("state-000004.pt", bytes(blob))
+    assert load_checkpoint(checkpoints)["purify"]["round"] == 2
+    (line,) = capfd.readouterr().err.splitlines()
+    assert line == (f"warning: {checkpoints.location('state-000004.pt')}: unreadable checkpoint (its SHA-256 does "
+                    "not match the one stored with it (corrupt or torn)); set aside as "
+                    f"{checkpoints.location('_corrupt/state-000004.pt')}; the trial continues from the checkpoint "
+                    "before it, or from round 0")
+    assert checkpoints.names() == ["state-000002.pt"]
+    assert (checkpoints / "_corrupt").read("state-000004.pt") == bytes(blob)
+
+    data = checkpoints.read("state-000002.pt")
+    checkpoints.write("state-000002.pt", data[: len(data) // 2])  # torn, and the only one: round 0
+    assert load_checkpoint(checkpoints) is None
+    (line,) = capfd.readouterr().err.splitlines()
+    assert line.startswith(f"warning: {checkpoints.location('state-000002.pt')}: unreadable checkpoint (")
+    assert checkpoints.names() == []
+
+
+def fake_record(record: Storage) -> None:
+    """A record whose files match the checksums in its record.json (intact_record reads no further)."""
+    files = {"model.safetensors": b"weights", "trigger.safetensors": b"trigger"}
+    for name, data in files.items():
+        record.write(name, data)
+    record.write("record.json", json.dumps({"sha256": {n: hashlib.sha256(d).hexdigest()
+                                                       for n, d in files.items()}}).encode())
+
+
+def test_a_damaged_model_record_is_set_aside_for_stage_1(tmp_path, capfd):
+    models = Storage(tmp_path) / "models"
+    assert not intact_record(models, "k1")  # none yet
+    fake_record(models / "k1")
+    assert intact_record(models, "k1")
+    (models / "k1").write("model.safetensors", b"weightz")
+    assert not intact_record(models, "k1")
+    (line,) = capfd.readouterr().err.splitlines()
+    assert line == (f"warning: {models.location('k1')}: damaged model record (model.safetensors: missing or not "
+                    f"matching the SHA-256 in record.json); set aside as {models.location('_corrupt/k1')}; "
+                    "stage 1 trains the model again")
+    assert not models.exists("k1") and (models / "_corrupt" / "k1").read("model.safetensors") == b"weightz"
+    fake_record(models / "k2")
+    (models / "k2").delete("trigger.safetensors")
+    assert not intact_record(models, "k2") and "trigger.safetensors: missing" in capfd.readouterr().err

@@ -1,5 +1,6 @@
 """The sweep driver end to end: a real local Ray instance, MLflow sqlite store and server, Optuna, Parquet."""
 
+import hashlib
 import json
 import os
 import re
@@ -16,16 +17,18 @@ import optuna
 import pandas as pd
 import pytest
 import ray
-import torch
 from mlflow import MlflowClient
 
 from processes import (LOOPBACK, alive, free_port, kill_session, listening_addresses, process_tree, session_pids,
                        wait_until_healthy)
 
+from backdoor.record import FILES
 from orchestrator.results import finished_ids
 from orchestrator.spec import expand, load_grid
+from orchestrator.storage import Storage
 from orchestrator.sweep import SweepError, run_sweep
 from orchestrator.tracking import TRIAL_ID_TAG
+from orchestrator.trial import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_BY_TWO = {"attacks": [{"name": "badnets"}, {"name": "blended", "alpha": 0.2}], "sau": {"eps": [0.1, 0.2]}}
@@ -181,8 +184,8 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
         kill_session(driver.pid)  # Ray's workers and agents outlive a killed driver
         driver.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    checkpoints = {d.name: torch.load(max(d.glob("state-*.pt")), weights_only=True)
-                   for d in (storage / "checkpoints").iterdir() if any(d.glob("state-*.pt"))}
+    checkpoints = {d.name: load_checkpoint(Storage(d)) for d in (storage / "checkpoints").iterdir()
+                   if any(d.glob("state-*.pt"))}
     assert any(state["purify"]["round"] < specs[i].sau["rounds"] for i, state in checkpoints.items())
     done_before = finished_ids(storage / "results")
     df, lines = sweep(path, storage, resume=True)
@@ -280,15 +283,19 @@ def test_a_diverging_trial_stops_and_is_recorded_as_diverged(write_grid, tmp_pat
 
 
 def test_a_trial_that_cannot_succeed_is_not_retried(write_grid, tmp_path):
-    # A damaged model record in the store: the same error on every attempt, so Tune must not retry it.
+    # A forged model record in the store, whole by its checksums: the same error on every attempt, so Tune must
+    # not retry it.
     path = write_grid(name="forged")
     (spec,) = expand(load_grid(path))
     storage = tmp_path / "sweep"
     record = storage / "models" / spec.model_key
     record.mkdir(parents=True)
+    for name in FILES:
+        (record / name).write_bytes(name.encode())
     meta = {"format": "sau-model-record/1", "arch": "cnn-small", "num_classes": 1_000_000_000, "shape": [1, 8, 8],
             "mean": [0.3], "std": [0.3], "dataset": "digits", "attack": "badnets", "attack_params": {}, "seed": 0,
-            "recipe": {}, "metrics": {}, "sha256": {}}
+            "recipe": {}, "metrics": {},
+            "sha256": {name: hashlib.sha256(name.encode()).hexdigest() for name in FILES}}
     (record / "record.json").write_text(json.dumps(meta))
     lines = []
     with pytest.raises(SweepError, match="1 of the trials failed.*num_classes: must be an integer in"):
@@ -298,6 +305,29 @@ def test_a_trial_that_cannot_succeed_is_not_retried(write_grid, tmp_path):
     assert any(line.startswith("[1/1] trial") and "failed: RecordError" in line for line in lines), lines
     info = json.loads((storage / "sweep.json").read_text())
     assert MlflowClient(info["tracking_uri"]).get_run(info["parent_run_id"]).info.status == "FAILED"
+
+
+def test_a_torn_row_and_a_damaged_model_record_are_set_aside_and_redone(write_grid, tmp_path, capfd):
+    path = write_grid(name="damaged")
+    (spec,) = expand(load_grid(path))
+    storage = tmp_path / "sweep"
+    df, _ = sweep(path, storage)
+    row = storage / "results" / f"{spec.trial_id}.parquet"
+    row.write_bytes(row.read_bytes()[:-12])  # no footer: a writer that died mid-file
+    weights = storage / "models" / spec.model_key / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1
+    weights.write_bytes(bytes(blob))
+    capfd.readouterr()
+    again, lines = sweep(path, storage, resume=True)
+    assert "damaged: 1 trials to run, 0 already finished" in lines
+    assert "stage 1: training 1 backdoored models" in lines
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "unreadable row" in warnings[0] and "damaged model record" in warnings[1]
+    assert (storage / "results" / "_corrupt" / row.name).is_file()
+    assert (storage / "models" / "_corrupt" / spec.model_key / "model.safetensors").is_file()
+    figures = ["acc_before", "asr_before", "ra_before", "acc_after", "asr_after", "ra_after", "der"]
+    assert again[figures].equals(df[figures])  # retrained and rerun: the same figures, bit for bit
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
