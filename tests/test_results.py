@@ -74,9 +74,9 @@ def test_format_table_md_shows_what_varies(tmp_path):
     for i, (eps, seed) in enumerate([(0.2, 1), (0.1, 1), (0.2, 0), (0.1, 0)]):
         write_row(tmp_path, row(f"{i}{'0' * 15}", eps=eps, seed=seed))
     table = format_table(read_results(tmp_path)).splitlines()
-    assert table[0] == "| trial | attack | arch | seed | sau.eps | ACC | ASR | RA | DER |"
-    assert table[1] == "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-    assert table[2] == "| 30000000 | badnets | cnn-small | 0 | 0.1 | 97.2→95.1 | 100.0→2.0 | 0.0→90.0 | 0.979 |"
+    assert table[0] == "| trial | attack | arch | defense | seed | sau.eps | ACC | ASR | RA | DER |"
+    assert table[1] == "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    assert table[2] == "| 30000000 | badnets | cnn-small | sau | 0 | 0.1 | 97.2→95.1 | 100.0→2.0 | 0.0→90.0 | 0.979 |"
     assert [line.split(" | ")[0] for line in table[2:]] == ["| 30000000", "| 10000000", "| 20000000", "| 00000000"]
 
 

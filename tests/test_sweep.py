@@ -128,7 +128,7 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
     path = write_grid(name="killed", sau={"eps": [0.1, 0.2], "rounds": [30, 2]})
     storage = tmp_path / "sweep"
     specs = {s.trial_id: s for s in expand(load_grid(path))}
-    long_trials = [storage / "checkpoints" / i / "state.pt" for i, s in specs.items() if s.sau["rounds"] == 30]
+    long_trials = [storage / "checkpoints" / i / "state.pt" for i, s in specs.items() if s.params["rounds"] == 30]
     script = tmp_path / "sweep.py"
     script.write_text(textwrap.dedent(f"""
         from pathlib import Path
@@ -160,7 +160,7 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
 
     checkpoints = {p.parent.name: torch.load(p, weights_only=True)
                    for p in (storage / "checkpoints").glob("*/state.pt")}
-    assert any(state["purify"]["round"] < specs[i].sau["rounds"] for i, state in checkpoints.items())
+    assert any(state["purify"]["round"] < specs[i].params["rounds"] for i, state in checkpoints.items())
     done_before = finished_ids(storage / "results")
     df, lines = sweep(path, storage, resume=True)
     assert f"killed: {4 - len(done_before)} trials to run, {len(done_before)} already finished" in lines
@@ -171,7 +171,7 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
     assert sorted(finished_runs) == sorted(specs)
     for trial_id, state in checkpoints.items():  # continued from the checkpoint, in the same MLflow run
         row = df[df["trial_id"] == trial_id].iloc[0]
-        rounds = specs[trial_id].sau["rounds"]
+        rounds = specs[trial_id].params["rounds"]
         assert 0 < state["purify"]["round"] <= rounds == row["rounds_done"]
         assert row["mlflow_run_id"] == state["mlflow_run_id"]
         assert [m.step for m in client.get_metric_history(row["mlflow_run_id"], "loss")] == list(range(1, rounds + 1))
