@@ -61,8 +61,10 @@ def _param_types(defense: str) -> dict[str, type]:
 
 def _param_value(defense: str, key: str, value, at: str | None = None):
     types = _param_types(defense)
+    if not types:
+        raise _bad(key, f"{defense} takes no parameters")
     if key not in types:
-        raise _bad(key, f"unknown {defense.upper()} field (known: {', '.join(types) or 'none'}; "
+        raise _bad(key, f"unknown {defense.upper()} field (known: {', '.join(types)}; "
                         "seed comes from seeds)")
     return _typed(types[key], value, at or key)
 
@@ -343,8 +345,6 @@ class GridSpec(BaseModel):
     @model_validator(mode="after")
     def _defense_points(self) -> GridSpec:
         for i, (name, axes) in enumerate(self.defense_axes()):
-            if DEFENSES[name].per_model and self.defenses[i].params:
-                raise _bad(f"defenses[{i}]", f"{name} takes no parameters")
             try:
                 for point in _points(axes):  # every combination must make a valid configuration
                     _combo(name, point)

@@ -106,7 +106,7 @@ def _run(spec: TrialSpec, storage: Path, tracking: SweepTracking | None,
                 "seconds_sau": sum(h.seconds for h in history),
                 "seconds_total": seconds_before + time.perf_counter() - start,
                 "rounds_done": len(history), "status": status, "device": device_name,
-                "torch_version": torch.__version__, "sau_version": version("sau-orchestrator"),
+                "torch_version": str(torch.__version__), "sau_version": version("sau-orchestrator"),
                 "code_version": CODE_VERSION, "mlflow_run_id": tracker.run_id}
 
     def evaluate_at(net: torch.nn.Module, round_index: int) -> None:
