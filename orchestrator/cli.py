@@ -166,12 +166,12 @@ def _rows(args: argparse.Namespace):
     """The rows of args.path that --status and --where select; warns when they come from several code versions."""
     from .tables import code_versions, select
 
-    df = select(read_results(Path(args.path)), parse_params(args.where, "--where"), args.status)
+    df = read_results(Path(args.path))
     versions = code_versions(df)
     if len(versions) > 1:
         print(f"warning: {args.path} holds rows of code versions {', '.join(versions)}; they are shown apart and "
               "never averaged together", file=sys.stderr)
-    return df
+    return select(df, parse_params(args.where, "--where"), args.status)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
