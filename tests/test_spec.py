@@ -198,9 +198,9 @@ def test_load_grid_writes_nothing(tmp_path, monkeypatch):
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
 
-PAPER_GRIDS = {  # file: (trials, distinct backdoored models)
-    "paper-cifar10.yaml": (8, 8), "paper-gtsrb.yaml": (8, 8), "paper-tiny.yaml": (8, 8),
-    "paper-archs.yaml": (20, 20), "paper-clean-ratio.yaml": (32, 8), "paper-eps.yaml": (40, 8),
+PAPER_GRIDS = {  # file: (trials, distinct backdoored models); none, ft and sau on every model
+    "paper-cifar10.yaml": (24, 8), "paper-gtsrb.yaml": (24, 8), "paper-tiny.yaml": (24, 8),
+    "paper-archs.yaml": (60, 20), "paper-clean-ratio.yaml": (8 + 32 + 32, 8), "paper-eps.yaml": (8 + 8 + 40, 8),
 }
 
 
@@ -209,6 +209,7 @@ def test_paper_grids_are_valid_and_cover_every_attack(name):
     experiments = Path(__file__).resolve().parents[1] / "experiments"
     trials = list(expand(load_grid(experiments / name)))
     assert (len(trials), len({trial.model_key for trial in trials})) == PAPER_GRIDS[name]
+    assert [d.name for d in load_grid(experiments / name).defenses] == ["none", "ft", "sau"]
     attacks = {trial.attack.name for trial in trials}
     expected = {"badnets", "blended", "sig", "wanet"} if name == "paper-archs.yaml" else \
         {"badnets", "blended", "sig", "wanet", "inputaware", "lf", "ssba", "trojan"}

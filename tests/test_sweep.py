@@ -21,9 +21,10 @@ import ray
 import torch
 from mlflow import MlflowClient
 
-from orchestrator.results import finished_ids
+from orchestrator.results import finished_ids, read_results
 from orchestrator.spec import expand, load_grid
 from orchestrator.sweep import SweepError, run_sweep
+from orchestrator.tables import select
 from orchestrator.tracking import TRIAL_ID_TAG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,10 @@ def test_grid_sweep_writes_one_row_and_one_finished_run_per_trial(grid_sweep):
 
     client, info, runs = child_runs(f"sqlite:///{storage}/mlflow.db", storage)
     assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
-    assert [a.path for a in client.list_artifacts(info["parent_run_id"])] == ["results.csv"]
+    assert [a.path for a in client.list_artifacts(info["parent_run_id"])] == ["figures", "results.csv"]
+    figures = [a.path for a in client.list_artifacts(info["parent_run_id"], "figures")]
+    assert "figures/eps-acc_after-asr_after.png" in figures and "figures/eps-acc_after-asr_after.svg" in figures
+    assert sum(f.startswith("figures/rounds-") for f in figures) == 2  # the best trial's curves, PNG and SVG
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in runs) == sorted(specs)
     for run in runs:
         row = df[df["trial_id"] == run.data.tags[TRIAL_ID_TAG]].iloc[0]
@@ -212,6 +216,33 @@ def test_single_objective_search_runs_and_resumes(write_grid, tmp_path):
     assert len(df) == 2 and "search1: 0 trials to run, 2 already finished" in lines
 
 
+def test_asha_stops_hopeless_trials_and_marks_their_rows_stopped(write_grid, tmp_path):
+    """Learning rates down to 1e-8 leave the backdoor in place: ASHA stops such trials at round 2 or 4."""
+    search = {"num_samples": 6, "max_concurrent": 1, "sampler": "random", "seed": 0,
+              "space": {"lr": {"low": 1.0e-8, "high": 0.05, "log": True}},
+              "objectives": [{"metric": "asr_after", "mode": "min"}],
+              "scheduler": {"name": "asha", "grace_rounds": 2, "reduction_factor": 2}}
+    path = write_grid(name="asha", sau={"rounds": 6}, eval_every=2, search=search)
+    storage = tmp_path / "sweep"
+    df, lines = sweep(path, storage)
+    rows = read_results(storage)
+    stopped, finished = rows[rows["status"] == "stopped"], rows[rows["status"] == "finished"]
+    assert len(rows) == 6 and len(stopped) >= 1 and len(finished) >= 1, rows[["sau.lr", "status", "asr_after"]]
+    assert set(stopped["rounds_done"]) <= {2, 4} and set(finished["rounds_done"]) == {6}
+    assert sum("stopped at round" in line for line in lines) == len(stopped)
+    # A stopped trial's row holds what it reached at the round it was stopped at.
+    client, info, runs = child_runs(f"sqlite:///{storage}/mlflow.db", storage)
+    status = {r.data.tags[TRIAL_ID_TAG]: r.info.status for r in runs}
+    for _, row in stopped.iterrows():
+        assert status[row["trial_id"]] == "KILLED"
+        history = client.get_metric_history(row["mlflow_run_id"], "asr")
+        assert max(m.step for m in history) >= row["rounds_done"]
+        assert row["asr_after"] == pytest.approx([m.value for m in history if m.step == row["rounds_done"]][0])
+    assert {status[t] for t in finished["trial_id"]} == {"FINISHED"}
+    assert not list((storage / "checkpoints").glob("*/state.pt"))
+    assert len(select(rows, {})) == len(finished)  # `sau report` shows finished trials by default
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -253,7 +284,7 @@ def test_mlflow_server_receives_the_child_runs(write_grid, tmp_path):
         client, info, runs = child_runs(uri, storage)
         assert [r.info.run_id for r in runs] == df["mlflow_run_id"].tolist()
         assert runs[0].info.status == "FINISHED" and runs[0].data.metrics["acc_after"] == df["acc_after"][0]
-        assert [a.path for a in client.list_artifacts(info["parent_run_id"])] == ["results.csv"]
+        assert [a.path for a in client.list_artifacts(info["parent_run_id"])] == ["figures", "results.csv"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
