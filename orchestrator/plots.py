@@ -25,8 +25,9 @@ RATES = ("acc_after", "asr_after", "ra_after", "acc_before", "asr_before", "ra_b
 LABELS = {"acc_after": "ACC after defense (%)", "asr_after": "ASR after defense (%)",
           "ra_after": "RA after defense (%)", "der": "DER (%)", "acc_before": "ACC before defense (%)",
           "asr_before": "ASR before defense (%)", "ra_before": "RA before defense (%)",
-          "clean_ratio": "clean data (% of the training set)", "eps": "ε, L∞ bound of the perturbation (of [0, 1])",
-          "lr": "learning rate", "rounds": "rounds", "lmd_sar": "λ_SAR (weight of the shared adversarial loss)",
+          "clean_ratio": "clean data (% of the training set)",
+          "eps": "ε (L∞ bound of the perturbation, pixel values in [0, 1])", "lr": "learning rate",
+          "rounds": "rounds", "lmd_sar": "λ_SAR (weight of the shared adversarial loss)",
           "lmd_at": "λ_AT (weight of adversarial training)", "lmd_clean": "λ_clean (weight of clean CE)"}
 
 
