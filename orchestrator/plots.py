@@ -67,20 +67,21 @@ def against(df: pd.DataFrame, x: str, ys: list[str], out_dir: Path) -> list[Path
         if y not in df.columns:
             raise ResultsError(f"--y {y}: no such column")
     fig, axes = plt.subplots(1, len(ys), figsize=(SIZE[0] * len(ys), SIZE[1]), squeeze=False)
-    lines = 0
-    for column in columns:
-        rows = df.dropna(subset=[column])
-        others = [c for c in varying_axes(rows) if c != column and rows[c].notna().all()]
-        for name, group in rows.groupby(["attack", "defense", *others], sort=True):
-            label = " · ".join([name[0], *([name[1]] if len(columns) > 1 or df["defense"].nunique() > 1 else []),
-                                *(f"{c.rpartition('.')[2]}={v:g}" for c, v in zip(others, name[2:]))])
+    rows = df.dropna(subset=columns, how="all")
+    several = rows["defense"].nunique() > 1
+    for defense, mine in rows.groupby("defense", sort=False):
+        column = next(c for c in columns if mine[c].notna().all())
+        # Every other axis this defense varies splits lines: a mean is only over seeds.
+        others = [c for c in varying_axes(mine) if c != column and mine[c].notna().all()]
+        for name, group in mine.groupby(["attack", *others], sort=True):
+            label = " · ".join([name[0], *([defense] if several else []),
+                                *(f"{c.rpartition('.')[2]}={v:g}" for c, v in zip(others, name[1:]))])
             for ax, y in zip(axes[0], ys):
-                stats = group.groupby(column)[y].agg(["mean", "std", "count"]).sort_index()
+                stats = group.groupby(column)[y].agg(["mean", "std"]).sort_index()
                 xs = stats.index.to_numpy(float) * _scale(column)
                 mean, std = stats["mean"] * _scale(y), stats["std"].fillna(0) * _scale(y)
                 line, = ax.plot(xs, mean, marker="o", label=label)
                 ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-            lines += 1
     seeds = df["seed"].nunique()
     for ax, y in zip(axes[0], ys):
         ax.set_xlabel(_label(columns[0]))

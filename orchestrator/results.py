@@ -85,7 +85,9 @@ def format_table(df: pd.DataFrame, fmt: str = "md") -> str:
     if fmt != "md":
         raise ResultsError(f"unknown table format {fmt!r} (expected md or csv)")
     # Blanks do not make a column vary: they are the parameters other attacks lack.
-    swept = [c for c in parameter_columns(df) if df[c].nunique() > 1]
+    # A status column only where some trial did not finish (ASHA stopped it).
+    swept = [c for c in parameter_columns(df) if df[c].nunique() > 1] + (["status"] if "status" in df and
+                                                                          df["status"].nunique() > 1 else [])
     df = df.sort_values(["attack", "arch", "defense", *swept, "seed"], kind="stable")
     header = ["trial", "attack", "arch", "defense", "seed", *swept, "ACC", "ASR", "RA", "DER"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
