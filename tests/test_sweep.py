@@ -20,6 +20,7 @@ import pytest
 import ray
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 
 from orchestrator.results import finished_ids, read_results
 from orchestrator.spec import expand, load_grid
@@ -75,6 +76,11 @@ def test_grid_sweep_writes_one_row_and_one_finished_run_per_trial(grid_sweep):
     figures = [a.path for a in client.list_artifacts(info["parent_run_id"], "figures")]
     assert "figures/eps-acc_after-asr_after.png" in figures and "figures/eps-acc_after-asr_after.svg" in figures
     assert sum(f.startswith("figures/rounds-") for f in figures) == 2  # the best trial's curves, PNG and SVG
+    local = Path(client.download_artifacts(info["parent_run_id"], "figures", str(storage)))
+    for png in local.glob("*.png"):  # two panels each: 2 x 640 by 400 pixels
+        with Image.open(png) as image:
+            image.load()
+            assert image.size == (1280, 400), png.name
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in runs) == sorted(specs)
     for run in runs:
         row = df[df["trial_id"] == run.data.tags[TRIAL_ID_TAG]].iloc[0]
@@ -82,6 +88,7 @@ def test_grid_sweep_writes_one_row_and_one_finished_run_per_trial(grid_sweep):
         for key in ("acc_before", "asr_after", "acc_after", "ra_after", "der", "seconds_sau"):
             assert run.data.metrics[key] == row[key]
         assert run.data.params == {k: str(v) for k, v in specs[row["trial_id"]].flat().items()}
+        assert run.info.run_name == f"sau-{row['trial_id']}" and run.data.params["defense"] == "sau"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
         assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == [2, 3]
         assert row["rounds_done"] == 3 and row["device"] == "cpu" and row["grid"] == "two-by-two"
