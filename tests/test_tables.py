@@ -137,3 +137,21 @@ def test_figures_decode_at_their_size(storage, tmp_path):
         decoded(path, (640, 400))
     with pytest.raises(ResultsError, match="--x lmd_sar: no such column"):
         plots.against(df, "lmd_sar", ["asr_after"], out)
+
+
+def test_plot_command_writes_the_figures_it_names(storage, tmp_path):
+    out = tmp_path / "figures"
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "plot", str(storage), "--x", "clean_ratio",
+                             "--pareto", "acc_after:max,asr_after:min", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    paths = [Path(line) for line in result.stdout.split()]
+    assert sorted(p.name for p in paths) == ["clean_ratio-asr_after-acc_after.png",
+                                             "clean_ratio-asr_after-acc_after.svg", "pareto.png", "pareto.svg"]
+    decoded(out / "clean_ratio-asr_after-acc_after.png", (1280, 400))
+    decoded(out / "pareto.svg", (640, 400))
+    bad = subprocess.run([sys.executable, "-m", "orchestrator.cli", "plot", str(storage), "--trials",
+                          "00000000", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: --trials: {storage / 'sweep.json'} is absent; give --tracking-uri"]
+    assert not list(out.glob("rounds-*"))
