@@ -19,6 +19,7 @@ from mlflow import MlflowClient  # noqa: E402
 from .results import ResultsError, pareto_front  # noqa: E402
 from .tables import varying_axes  # noqa: E402
 
+TERMS = {"loss": "total (weighted)", "clean": "clean CE", "at": "adversarial CE", "sar": "shared adversarial (SAR)"}
 SIZE = (6.4, 4.0)  # inches; at DPI, 640 x 400 pixels per panel
 DPI = 100
 RATES = ("acc_after", "asr_after", "ra_after", "acc_before", "asr_before", "ra_before", "clean_ratio")
@@ -126,13 +127,13 @@ def rounds(tracking_uri: str, rows: pd.DataFrame, out_dir: Path) -> list[Path]:
         for key in ("loss", "clean", "at", "sar"):
             points = sorted((m.step, m.value) for m in history[key])
             if points and any(v for _, v in points):  # a term the defense does not have stays at 0
-                left.plot(*zip(*points), label={"loss": "total"}.get(key, key))
+                left.plot(*zip(*points), label=TERMS[key])
         left.set(xlabel="round", ylabel="loss (mean over the clean subset)", title="Loss terms per round")
-        for key, label in (("acc", "ACC"), ("asr", "ASR")):
-            points = sorted((m.step, 100 * m.value) for m in history[key])
-            if points:
-                right.plot(*zip(*points), marker="o", label=label)
-        right.set(xlabel="round", ylabel="rate (%)", title="ACC and ASR at each evaluation", ylim=(-2, 102))
+        for key, label in (("acc", "ACC"), ("asr", "ASR")):  # round 0: the backdoored model
+            points = [(0, 100 * row[f"{key}_before"])] + sorted((m.step, 100 * m.value) for m in history[key])
+            right.plot(*zip(*points), marker="o", label=label)
+        right.set(xlabel="round (0: before the defense)", ylabel="rate (%)", title="ACC and ASR at each evaluation",
+                  ylim=(-2, 102))
         for ax in (left, right):
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:

@@ -30,7 +30,7 @@ class Cell:
 @dataclass(frozen=True)
 class PaperTable:
     keys: list[str]  # the columns that name a row
-    defenses: list[str]  # in the order they first appear in the rows; `none` is the no-defense columns
+    defenses: list[str]  # in the registry's order; `none` is the no-defense columns
     rows: list[dict]  # key values, "no_defense": {acc, asr: Cell}, and per defense {metric: Cell} or None
 
 
@@ -84,7 +84,8 @@ def paper_table(df: pd.DataFrame, group_by: list[str] | None = None) -> PaperTab
             raise ResultsError(f"--group-by {column}: no such column")
     keys = [*BASE_KEYS, *(["code_version"] if df["code_version"].nunique() > 1 else []),
             *(c for c in extra if c not in BASE_KEYS)]
-    defenses = [d for d in dict.fromkeys(df["defense"]) if d in DEFENSES and not DEFENSES[d].per_model]
+    present = set(df["defense"])
+    defenses = [d for d in DEFENSES if d in present and not DEFENSES[d].per_model]
     # A table row per combination of key values, from the rows that have them all.
     named = df.dropna(subset=keys)
     if named.empty:
