@@ -49,8 +49,8 @@ def test_none_is_one_trial_per_model_whatever_the_other_axes(tmp_path):
 @pytest.mark.parametrize("defenses, message", [
     (["pruning"], "defenses[0].name: unknown defense 'pruning' (known: sau, none, ft)"),
     ([{"name": "none", "lr": 0.1}], "defenses[0].lr: none takes no parameters"),
-    ([{"name": "ft", "eps": 0.1}], "defenses[0].eps: unknown FT field (known: lr, rounds, batch_size, train_bn, clean_ratio; "
-                                      "seed comes from seeds)"),
+    ([{"name": "ft", "eps": 0.1}],
+     "defenses[0].eps: unknown FT field (known: lr, rounds, batch_size, train_bn, clean_ratio; seed comes from seeds)"),
     ([{"name": "ft", "lr": [0.1, 0.1]}], "defenses[0].lr[1]: same as item 0"),
     (["sau", "sau"], "defenses[1]: same as item 0"),
 ])
