@@ -29,12 +29,13 @@ def random_data(n: int, size: int, classes: int, seed: int = 0) -> ImageData:
                      mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
-def synced_times():
+def synced_times(device: str = "cuda"):
     """A callback recording the wall time at each call (after the GPU finishes), and the list it fills."""
     stamps = [time.perf_counter()]
 
     def record(*_):
-        torch.cuda.synchronize()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
         stamps.append(time.perf_counter())
     return record, stamps
 

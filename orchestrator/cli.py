@@ -1,4 +1,5 @@
-"""The `sau` command line: run a grid, attack one model, import one from BackdoorBench, purify one, report."""
+"""The `sau` command line: run a grid, attack one model, import one from BackdoorBench, purify one, report,
+sync tracking."""
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,10 @@ from sau_kernel import SAUConfigError
 
 from .results import ResultsError, format_table, read_results
 from .spec import SpecError
+from .storage import Storage, StorageError
 
 USER_ERRORS = (AttackError, BackdoorBenchError, DataError, ModelError, RecipeError, RecordError, ResultsError,
-               SAUConfigError, SpecError)
+               SAUConfigError, SpecError, StorageError)
 
 
 class CommandError(ValueError):
@@ -92,12 +94,14 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .store import StoreError
     from .sweep import SweepError, run_sweep
 
-    storage = Path(args.storage or grid.storage).expanduser().resolve()
+    storage = Storage(args.storage or grid.storage)
     try:
         run_sweep(grid, storage=storage, resume=args.resume, address=args.address,
                   tracking_uri=args.tracking_uri)
     except (StoreError, SweepError) as error:
         raise CommandError(str(error)) from None
+    except OSError as error:  # the storage cannot be reached or written (object-store errors are OSErrors)
+        raise CommandError(f"storage {storage}: {str(error).splitlines()[0]}") from None
 
 
 def cmd_attack(args: argparse.Namespace) -> None:
@@ -166,7 +170,7 @@ def _rows(args: argparse.Namespace):
     """The rows of args.path that --status and --where select; warns when they come from several code versions."""
     from .tables import code_versions, select
 
-    df = read_results(Path(args.path))
+    df = read_results(args.path)
     versions = code_versions(df)
     if len(versions) > 1:
         print(f"warning: {args.path} holds rows of code versions {', '.join(versions)}; they are shown apart and "
@@ -192,7 +196,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from . import plots
 
-    df, out, paths = _rows(args), Path(args.out), []
+    df, out, paths = _rows(args), Storage(args.out), []
     if df.empty:
         raise CommandError(f"{args.path}: no rows with status {args.status} and --where {' '.join(args.where)}")
     if args.x:
@@ -204,14 +208,27 @@ def cmd_plot(args: argparse.Namespace) -> None:
         chosen = df[df["trial_id"].str.startswith(tuple(args.trials.split(",")))]
         if chosen.empty:
             raise CommandError(f"--trials {args.trials}: no such trial among the selected rows")
-        info = Path(args.path) / "sweep.json"
-        uri = args.tracking_uri or (json.loads(info.read_text())["tracking_uri"] if info.exists() else None)
+        info = Storage(args.path).read("sweep.json")
+        uri = args.tracking_uri or (json.loads(info)["tracking_uri"] if info is not None else None)
         if uri is None:
-            raise CommandError(f"--trials: {info} is absent; give --tracking-uri")
+            raise CommandError(f"--trials: {Storage(args.path).location('sweep.json')} is absent; "
+                               "give --tracking-uri")
         paths += plots.rounds(uri, chosen, out)
     if not paths:
         raise CommandError("nothing to plot: give --x, --pareto or --trials")
-    print("\n".join(str(p) for p in paths))
+    print("\n".join(paths))
+
+
+def cmd_sync(args: argparse.Namespace) -> None:
+    from .sync import SyncError, sync
+
+    storage = Storage(args.storage)
+    try:
+        sync(storage, args.tracking_uri)
+    except SyncError as error:
+        raise CommandError(str(error)) from None
+    except OSError as error:  # the storage cannot be reached (object-store errors are OSErrors)
+        raise CommandError(f"storage {storage}: {str(error).splitlines()[0]}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a grid spec (YAML) on Ray Tune")
     run.add_argument("grid", help="grid spec (YAML)")
-    run.add_argument("--storage", help="results, models and checkpoints directory (default: the grid's `storage`)")
+    run.add_argument("--storage", help="results, models and checkpoints: a directory or an s3:// or gs:// URI "
+                                       "(default: the grid's `storage`)")
     run.add_argument("--resume", action="store_true", help="continue a killed or failed sweep in --storage")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the storage directory)")
@@ -267,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     pur.set_defaults(func=cmd_purify)
 
     def row_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("path", help="storage directory, results directory or Parquet file")
+        p.add_argument("path", help="storage (directory or URI), results directory or Parquet file")
         p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
                        help="only rows with this value (rows without the column are kept), e.g. clean_ratio=0.05")
         p.add_argument("--status", choices=("finished", "stopped", "all"), default="finished",
@@ -290,8 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the Pareto front of two objectives, e.g. acc_after:max,asr_after:min")
     plot.add_argument("--trials", metavar="ID[,ID]", help="per-round curves of these trials (id prefixes)")
     plot.add_argument("--tracking-uri", help="MLflow store of --trials (default: the storage's sweep.json)")
-    plot.add_argument("--out", required=True, help="directory for the figures")
+    plot.add_argument("--out", required=True, help="where the figures go: a directory or an s3:// or gs:// URI")
     plot.set_defaults(func=cmd_plot)
+
+    syn = commands.add_parser("sync", help="create the MLflow runs a sweep could not (its tracking server was down)")
+    syn.add_argument("storage", help="the sweep's storage (directory or URI)")
+    syn.add_argument("--tracking-uri", required=True, help="MLflow tracking URI to create the missing runs in")
+    syn.set_defaults(func=cmd_sync)
     return parser
 
 

@@ -3,8 +3,8 @@ the Pareto front of a two-objective search, and per-round curves of chosen trial
 
 from __future__ import annotations
 
+import io
 import os
-from pathlib import Path
 
 import matplotlib
 
@@ -17,6 +17,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # see tracking.py
 from mlflow import MlflowClient  # noqa: E402
 
 from .results import ResultsError, pareto_front  # noqa: E402
+from .storage import Storage  # noqa: E402
 from .tables import varying_axes  # noqa: E402
 
 TERMS = {"loss": "total (weighted)", "clean": "clean CE", "at": "adversarial CE", "sar": "shared adversarial (SAR)"}
@@ -41,13 +42,16 @@ def _scale(column: str) -> float:
     return 100.0 if column in RATES or column == "der" else 1.0
 
 
-def _save(fig, out_dir: Path, name: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
-    for path in paths:
-        fig.savefig(path, dpi=DPI)
+def _save(fig, out: Storage, name: str) -> list[str]:
+    """`fig` as <name>.png and <name>.svg in `out`; returns where they went."""
+    places = []
+    for kind in ("png", "svg"):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=kind, dpi=DPI)
+        out.write(f"{name}.{kind}", buffer.getvalue())
+        places.append(out.location(f"{name}.{kind}"))
     plt.close(fig)
-    return paths
+    return places
 
 
 def x_column(df: pd.DataFrame, x: str) -> list[str]:
@@ -60,7 +64,7 @@ def x_column(df: pd.DataFrame, x: str) -> list[str]:
     return columns
 
 
-def against(df: pd.DataFrame, x: str, ys: list[str], out_dir: Path) -> list[Path]:
+def against(df: pd.DataFrame, x: str, ys: list[str], out: Storage) -> list[str]:
     """One panel per metric in `ys` against `x`: a line per attack (per attack and defense when several
     defenses have `x`, and per value of any other varying axis), mean ± std over seeds as a band."""
     columns = x_column(df, x)
@@ -92,10 +96,10 @@ def against(df: pd.DataFrame, x: str, ys: list[str], out_dir: Path) -> list[Path
     axes[0][-1].legend(fontsize="small", title=f"mean ± std over {seeds} seed{'s' * (seeds > 1)}",
                        title_fontsize="small", loc="best")
     fig.tight_layout()
-    return _save(fig, out_dir, f"{x}-" + "-".join(ys))
+    return _save(fig, out, f"{x}-" + "-".join(ys))
 
 
-def pareto(df: pd.DataFrame, objectives: list[tuple[str, str]], out_dir: Path) -> list[Path]:
+def pareto(df: pd.DataFrame, objectives: list[tuple[str, str]], out: Storage) -> list[str]:
     """Every trial of a two-objective search as a point, the Pareto front highlighted."""
     if len(objectives) != 2:
         raise ResultsError("a Pareto plot needs two objectives")
@@ -111,10 +115,10 @@ def pareto(df: pd.DataFrame, objectives: list[tuple[str, str]], out_dir: Path) -
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()
-    return _save(fig, out_dir, "pareto")
+    return _save(fig, out, "pareto")
 
 
-def rounds(tracking_uri: str, rows: pd.DataFrame, out_dir: Path) -> list[Path]:
+def rounds(tracking_uri: str, rows: pd.DataFrame, out: Storage) -> list[str]:
     """Per trial of `rows`: its loss terms at every round, and ACC/ASR at every evaluation (from MLflow)."""
     client = MlflowClient(tracking_uri)
     paths = []
@@ -141,12 +145,12 @@ def rounds(tracking_uri: str, rows: pd.DataFrame, out_dir: Path) -> list[Path]:
         fig.suptitle(f"{row['defense']} on {row['attack']} ({row['arch']}, seed {row['seed']}), "
                      f"trial {row['trial_id'][:8]}")
         fig.tight_layout()
-        paths += _save(fig, out_dir, f"rounds-{row['trial_id'][:8]}")
+        paths += _save(fig, out, f"rounds-{row['trial_id'][:8]}")
     return paths
 
 
 def sweep_figures(df: pd.DataFrame, objectives: list[tuple[str, str]], tracking_uri: str | None,
-                  out_dir: Path) -> list[Path]:
+                  out: Storage) -> list[str]:
     """The figures attached to a sweep's parent run: ACC and ASR against each numeric defense setting that
     varies, the Pareto front of a two-objective search, and the per-round curves of each defense's best trial
     (by DER) when the sweep was tracked."""
@@ -154,11 +158,11 @@ def sweep_figures(df: pd.DataFrame, objectives: list[tuple[str, str]], tracking_
     paths = []
     for column in varying_axes(df):
         if not column.startswith("attack.") and df[column].dtype.kind in "if":
-            paths += against(df, column.partition(".")[2] or column, ["acc_after", "asr_after"], out_dir)
+            paths += against(df, column.partition(".")[2] or column, ["acc_after", "asr_after"], out)
     if len(objectives) == 2 and len(df):
-        paths += pareto(df, objectives, out_dir)
+        paths += pareto(df, objectives, out)
     if tracking_uri is not None:
         ran = df[(df["rounds_done"] > 0) & df["mlflow_run_id"].astype(bool)]
         best = ran.sort_values("der", ascending=False).drop_duplicates("defense")
-        paths += rounds(tracking_uri, best, out_dir)
+        paths += rounds(tracking_uri, best, out)
     return paths

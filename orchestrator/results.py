@@ -1,10 +1,8 @@
-"""Result rows: one Parquet file per finished trial, read back as one pandas table."""
+"""Result rows: one Parquet object per finished trial in a storage, read back as one pandas table."""
 
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from defenses import DEFENSES
+
+from .storage import Storage, StorageError
 
 BEFORE_AFTER = ("acc", "asr", "ra")  # shown as before→after
 # Columns rows written before they existed lack: those rows are SAU trials that ran to the end, and the code
@@ -23,48 +23,55 @@ class ResultsError(ValueError):
     """Results that cannot be read or shown; the message is one line."""
 
 
-def read_row(results_dir: Path, trial_id: str) -> dict | None:
-    """The row of `trial_id`, or None if it has none."""
-    path = Path(results_dir) / f"{trial_id}.parquet"
-    return pq.read_table(path).to_pylist()[0] if path.exists() else None
+def _at(where: Storage | str | os.PathLike) -> Storage:
+    return where if isinstance(where, Storage) else Storage(where)
 
 
-def write_row(results_dir: Path, row: dict) -> Path:
-    """Write `row` to results_dir/<trial_id>.parquet atomically: a crash leaves no partial row."""
-    results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{row['trial_id']}.parquet"
-    # A leading dot and no .parquet suffix hide the temp file from us and from pyarrow's dataset reader.
-    fd, tmp = tempfile.mkstemp(dir=results_dir, prefix=f".{row['trial_id']}.", suffix=".tmp")
-    os.close(fd)
+def _parquet(row: dict) -> bytes:
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist([row]), buffer)
+    return buffer.getvalue().to_pybytes()
+
+
+def _table(data: bytes) -> pa.Table:
+    return pq.read_table(pa.BufferReader(data))
+
+
+def read_row(results: Storage | str | os.PathLike, trial_id: str) -> dict | None:
+    """The row of `trial_id` (FILLED where it lacks a column), or None if it has none."""
+    data = _at(results).read(f"{trial_id}.parquet")
+    return None if data is None else {**FILLED, **_table(data).to_pylist()[0]}
+
+
+def write_row(results: Storage | str | os.PathLike, row: dict) -> str:
+    """Write `row` as results/<trial_id>.parquet, whole or not at all; returns where it went."""
+    results = _at(results)
+    name = f"{row['trial_id']}.parquet"
+    results.write(name, _parquet(row))
+    return results.location(name)
+
+
+def finished_ids(results: Storage | str | os.PathLike) -> set[str]:
+    """Ids of the trials that have a row in `results` (empty if it does not exist)."""
+    return {name.removesuffix(".parquet") for name in _at(results).names(".parquet")}
+
+
+def read_results(path: Storage | str | os.PathLike) -> pd.DataFrame:
+    """All rows under a storage (its results/), a results directory, or one .parquet file; a path or a URI."""
     try:
-        pq.write_table(pa.Table.from_pylist([row]), tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
-def finished_ids(results_dir: Path) -> set[str]:
-    """Ids of the trials that have a row in results_dir (empty if it does not exist)."""
-    return {p.stem for p in Path(results_dir).glob("*.parquet")}
-
-
-def read_results(path: Path) -> pd.DataFrame:
-    """All rows under a storage dir (its results/), a results dir, or one .parquet file."""
-    path = Path(path)
-    if not path.exists():
-        raise ResultsError(f"{path}: no such file or directory")
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted((path / "results" if (path / "results").is_dir() else path).glob("*.parquet"))
-    if not files:
-        raise ResultsError(f"{path}: no results (expected {path}/results/*.parquet)")
-    try:
-        tables = [pq.read_table(f) for f in files]
-    except (OSError, pa.ArrowException) as e:
-        raise ResultsError(f"{path}: cannot read results: {e}") from None
+        where = _at(path)
+        if not where.exists():
+            raise ResultsError(f"{path}: no such file or directory")
+        if where.is_file():
+            blobs = [where.read("")]
+        else:
+            results = where / "results" if (where / "results").exists() else where
+            blobs = [results.read(name) for name in results.names(".parquet")]
+        if not blobs:
+            raise ResultsError(f"{path}: no results (expected {path}/results/*.parquet)")
+        tables = [_table(blob) for blob in blobs]
+    except (OSError, pa.ArrowException, StorageError) as e:
+        raise ResultsError(f"{path}: cannot read results: {str(e).splitlines()[0]}") from None
     # Rows written at different times may differ in column set or type (null vs str, int vs float).
     df = pa.concat_tables(tables, promote_options="permissive").to_pandas()
     for column, value in FILLED.items():

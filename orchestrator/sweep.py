@@ -13,6 +13,9 @@ from typing import Callable
 # Ray reads this once, when it is imported: "0" keeps a local instance on 127.0.0.1 instead of the
 # machine's network address. Joining a cluster by address works either way.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Tune's driver writes every result of every trial through a CSV, a JSON and a TensorBoard logger, each with
+# its own files per trial; sweeps keep the JSON record (result.json, each report with its node) only.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -20,6 +23,7 @@ import ray  # noqa: E402
 from optuna.storages import JournalStorage  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
 from ray import tune  # noqa: E402
+from ray.tune.logger import JsonLoggerCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
@@ -29,6 +33,7 @@ from backdoor import AttackError, ModelError, check_fits, load_dataset, make_att
 from .plots import sweep_figures  # noqa: E402
 from .results import finished_ids, format_table, pareto_front, read_results  # noqa: E402
 from .spec import GridSpec, SearchSpec, TrialSpec, expand  # noqa: E402
+from .storage import Storage  # noqa: E402
 from .store import ensure_models  # noqa: E402
 from .tracking import SweepTracking, close_sweep, default_uri, open_sweep  # noqa: E402
 from .trial import run_trial, write_stopped_row  # noqa: E402
@@ -41,17 +46,17 @@ class SweepError(ValueError):
     """A sweep that cannot start or whose trials failed; one line."""
 
 
-def _trial(spec: TrialSpec, storage: Path, tracking: SweepTracking | None) -> None:
+def _trial(spec: TrialSpec, storage: Storage, tracking: SweepTracking | None) -> None:
     run_trial(spec, storage, tracking, report=lambda m: tune.report({"trial": spec.trial_id, **m}))
 
 
-def grid_trial(config: dict, specs: dict[str, TrialSpec], storage: Path, tracking: SweepTracking | None) -> None:
+def grid_trial(config: dict, specs: dict[str, TrialSpec], storage: Storage, tracking: SweepTracking | None) -> None:
     """A Tune trial of the grid. A trial Tune retries after a failure (FailureConfig) continues from its
-    own checkpoint, storage/checkpoints/<trial_id>, which run_trial writes; Tune checkpoints are not used."""
+    own checkpoint, storage/checkpoints/<trial_id>/, which run_trial writes; Tune checkpoints are not used."""
     _trial(specs[config["trial_id"]], storage, tracking)
 
 
-def search_trial(config: dict, base: TrialSpec, storage: Path, tracking: SweepTracking | None) -> None:
+def search_trial(config: dict, base: TrialSpec, storage: Storage, tracking: SweepTracking | None) -> None:
     """A Tune trial of a search: `base` with the values the searcher sampled (retried like grid_trial).
     A sample that repeats a finished one is answered from its row."""
     _trial(base.with_params(**config), storage, tracking)
@@ -63,7 +68,7 @@ class Finished(tune.Callback):
     A trial completes without a row when the scheduler stopped it: its `stopped` row is written here, from its
     checkpoint. (Ctrl-C ends trials without completing them.)"""
 
-    def __init__(self, out: Callable[[str], None], total: int, storage: Path, tracking: SweepTracking | None):
+    def __init__(self, out: Callable[[str], None], total: int, storage: Storage, tracking: SweepTracking | None):
         self.out, self.total, self.done = out, total, 0
         self.storage, self.tracking = storage, tracking
 
@@ -80,13 +85,17 @@ class Finished(tune.Callback):
                  f"ASR {r['asr_after']:.1%}  RA {r['ra_after']:.1%}  DER {r['der']:.3f}")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _journal(storage: Storage) -> Path:
+    """The Optuna journal, on this machine's disk: an append-only file cannot live on an object store. There,
+    the journal is a local copy (Storage.local_dir) that is uploaded after each search and downloaded by a
+    resumed search on a machine that lacks it."""
+    path = storage.local_dir() / "optuna.journal"
+    if not storage.is_local and not path.exists() and storage.exists("optuna.journal"):
+        Storage(path.parent).write(path.name, storage.read("optuna.journal"))
+    return path
 
 
-def _searcher(grid: GridSpec, storage: Path) -> ConcurrencyLimiter:
+def _searcher(grid: GridSpec, storage: Storage) -> ConcurrencyLimiter:
     search: SearchSpec = grid.search
     space = {}
     for name, dim in search.space.items():
@@ -100,7 +109,9 @@ def _searcher(grid: GridSpec, storage: Path) -> ConcurrencyLimiter:
     if len(metrics) == 1:
         metrics, modes = metrics[0], modes[0]
     # The journal keeps the study beyond Tune's experiment, so a resumed search goes on learning from it.
-    journal = JournalStorage(JournalFileBackend(str(storage / "optuna.journal")))
+    path = _journal(storage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    journal = JournalStorage(JournalFileBackend(str(path)))
     searcher = OptunaSearch(space, metric=metrics, mode=modes, sampler=SAMPLERS[search.sampler](seed=search.seed),
                             study_name=grid.name, storage=journal)
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
@@ -119,7 +130,7 @@ def _scheduler(grid: GridSpec, base: TrialSpec) -> ASHAScheduler | None:
                          stop_last_trials=False)
 
 
-def _run_trials(grid: GridSpec, storage: Path, tracking: SweepTracking | None, out) -> tuple[list[str], int]:
+def _run_trials(grid: GridSpec, storage: Storage, tracking: SweepTracking | None, out) -> tuple[list[str], int]:
     """Train the missing models (stage 1), then run the trials still to do on Ray Tune (stage 2);
     returns one line per failed trial, and how many trials Tune stopped unfinished (Ctrl-C)."""
     finished = finished_ids(storage / "results")
@@ -143,10 +154,14 @@ def _run_trials(grid: GridSpec, storage: Path, tracking: SweepTracking | None, o
         param_space=param_space,
         tune_config=tune.TuneConfig(num_samples=1 if searcher is None else total, search_alg=searcher,
                                     scheduler=scheduler, reuse_actors=True),
-        run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str(storage / "tune"),
+        run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), **storage.tune_storage(),
                                   failure_config=tune.FailureConfig(max_failures=2), verbose=0,
-                                  callbacks=[Finished(out, total, storage, tracking)]))
-    results = tuner.fit()
+                                  callbacks=[Finished(out, total, storage, tracking), JsonLoggerCallback()]))
+    try:
+        results = tuner.fit()
+    finally:
+        if searcher is not None and not storage.is_local:
+            storage.write("optuna.journal", _journal(storage).read_bytes())
     failed = [f"trial {r.config.get('trial_id') or json.dumps(r.config)}: "
               f"{getattr(r.error, 'cause', None) or r.error!r}" for r in results if r.error is not None]
     # On Ctrl-C Tune stops the trials and returns normally: a trial without error and without row did not finish.
@@ -171,16 +186,16 @@ def _check_against_data(grid: GridSpec) -> None:
             raise SweepError(f"archs[{i}]: {error}") from None
 
 
-def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | None, tracking_uri: str | None,
-              out: Callable[[str], None] = print) -> pd.DataFrame:
-    """Run `grid` with everything it produces under `storage`; returns the grid's result rows.
+def run_sweep(grid: GridSpec, *, storage: Storage | str | Path, resume: bool, address: str | None,
+              tracking_uri: str | None, out: Callable[[str], None] = print) -> pd.DataFrame:
+    """Run `grid` with everything it produces under `storage` (a path or a URI); returns the grid's result rows.
 
     A killed or failed sweep continues with `resume`: finished trials are skipped, and unfinished ones
     continue from their checkpoints. `address` (or RAY_ADDRESS) joins a Ray cluster, else a local instance
-    is started; `tracking_uri` defaults to sqlite in `storage`."""
-    storage = Path(storage).resolve()
-    info_path = storage / "sweep.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else None
+    is started; `tracking_uri` defaults to sqlite in storage.local_dir()."""
+    storage = storage if isinstance(storage, Storage) else Storage(storage)
+    info_text = storage.read("sweep.json")
+    info = json.loads(info_text) if info_text is not None else None
     if info is not None and not resume:
         raise SweepError(f"{storage} already holds sweep {info['grid']!r}; "
                          "pass --resume to continue it or choose another --storage")
@@ -194,15 +209,15 @@ def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | Non
         address = address or os.environ.get("RAY_ADDRESS")
         ray.init(address=address) if address else ray.init(include_dashboard=False)
     try:
-        storage.mkdir(parents=True, exist_ok=True)
-        uri = tracking_uri or grid.tracking_uri or default_uri(storage)
+        storage.local_dir().mkdir(parents=True, exist_ok=True)
+        uri = tracking_uri or grid.tracking_uri or default_uri(storage.local_dir())
         sweep_name = info["sweep"] if info else f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parent = info["parent_run_id"] if info and info["tracking_uri"] == uri else None
-        tracking = open_sweep(uri, grid.name, sweep_name, storage / "mlartifacts", resume_parent=parent)
-        _write_atomic(info_path, json.dumps({
+        tracking = open_sweep(uri, grid.name, sweep_name, storage.local_dir() / "mlartifacts", resume_parent=parent)
+        storage.write("sweep.json", (json.dumps({
             "grid": grid.name, "sweep": sweep_name, "tracking_uri": uri,
             "experiment_id": tracking and tracking.experiment_id,
-            "parent_run_id": tracking and tracking.parent_run_id}, indent=2) + "\n")
+            "parent_run_id": tracking and tracking.parent_run_id}, indent=2) + "\n").encode())
         failed, unfinished = _run_trials(grid, storage, tracking, out)
     except BaseException:
         close_sweep(tracking, [], "FAILED")
@@ -211,7 +226,7 @@ def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | Non
         if started:
             ray.shutdown()
 
-    df = read_results(storage) if finished_ids(storage / "results") else pd.DataFrame()
+    df = read_results(storage / "results") if finished_ids(storage / "results") else pd.DataFrame()
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = []
         if len(df):
@@ -221,11 +236,12 @@ def run_sweep(grid: GridSpec, *, storage: Path, resume: bool, address: str | Non
         if grid.search is not None and len(grid.search.objectives) == 2 and len(df):
             front = pareto_front(df, [(o.metric, o.mode) for o in grid.search.objectives])
             out(f"Pareto front ({len(front)} of {len(df)} trials):\n{format_table(front)}")
-            _write_atomic(storage / "pareto.csv", front.to_csv(index=False))
-            artifacts.append(storage / "pareto.csv")
+            artifacts.append(Path(tmp) / "pareto.csv")
+            artifacts[-1].write_text(front.to_csv(index=False))
+            storage.write("pareto.csv", artifacts[-1].read_bytes())
         if len(df):
             objectives = [(o.metric, o.mode) for o in grid.search.objectives] if grid.search else []
-            if sweep_figures(df, objectives, tracking and tracking.uri, Path(tmp) / "figures"):
+            if sweep_figures(df, objectives, tracking and tracking.uri, Storage(Path(tmp) / "figures")):
                 artifacts.append(Path(tmp) / "figures")
         close_sweep(tracking, artifacts, "FAILED" if failed else "KILLED" if unfinished else "FINISHED")
     for line in failed:

@@ -16,6 +16,13 @@ from pathlib import Path
 
 # mlflow reads this when it is imported; its telemetry thread races the HTTP client on offline machines.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's client retries a call to a dead server for about 4 minutes (7 retries, backoff factor 2, 120 s
+# timeout). A trial's row does not need the server, so the project's clients (the driver, and every Ray worker
+# that imports this module) give up after seconds: 2 retries within about 4 s of a refused connection, 15 s
+# for a request that hangs. A user's own setting wins; mlflow reads these at every call.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
@@ -23,6 +30,8 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 
 TRIAL_ID_TAG = "sau.trial_id"
+# On the KILLED run of a trial a scheduler stopped: it holds the trial's row, unlike a run killed by Ctrl-C.
+STOPPED_TAG = "sau.stopped"
 ERRORS = (MlflowException, OSError)  # OSError covers requests' connection errors
 
 
@@ -51,12 +60,7 @@ def open_sweep(uri: str, grid_name: str, sweep_name: str, artifacts: Path,
     `artifacts` is the artifact root for stores without an artifact server (anything but http(s))."""
     client = MlflowClient(uri)
     try:
-        experiment = client.get_experiment_by_name(grid_name)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:
-            location = None if uri.startswith(("http://", "https://")) else Path(artifacts).resolve().as_uri()
-            experiment_id = client.create_experiment(grid_name, artifact_location=location)
+        experiment_id = _experiment(client, uri, grid_name, artifacts)
         if resume_parent is None:
             parent = client.create_run(experiment_id, run_name=sweep_name).info.run_id
         else:
@@ -71,6 +75,52 @@ def open_sweep(uri: str, grid_name: str, sweep_name: str, artifacts: Path,
         warn(f"tracking at {uri}", error)
         return None
     return SweepTracking(uri, experiment_id, parent)
+
+
+def _experiment(client: MlflowClient, uri: str, grid_name: str, artifacts: Path) -> str:
+    """The id of the experiment named after the grid, created if new."""
+    experiment = client.get_experiment_by_name(grid_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None if uri.startswith(("http://", "https://")) else Path(artifacts).resolve().as_uri()
+    return client.create_experiment(grid_name, artifact_location=location)
+
+
+def find_sweep(uri: str, grid_name: str, sweep_name: str, artifacts: Path,
+               parent_run_id: str | None = None) -> SweepTracking:
+    """The sweep's experiment and parent run in the store at `uri`, for runs created after the sweep: the run
+    `parent_run_id` if the store holds it, else the top-level run named `sweep_name`, else a new one (ended
+    FINISHED). Errors of the store are raised (MlflowException, OSError)."""
+    client = MlflowClient(uri)
+    experiment_id = _experiment(client, uri, grid_name, artifacts)
+    if parent_run_id:
+        try:
+            if client.get_run(parent_run_id).info.experiment_id == experiment_id:
+                return SweepTracking(uri, experiment_id, parent_run_id)
+        except MlflowException:
+            pass  # not in this store
+    named = [run for run in client.search_runs([experiment_id], f"attributes.run_name = '{sweep_name}'")
+             if MLFLOW_PARENT_RUN_ID not in run.data.tags]
+    if named:
+        return SweepTracking(uri, experiment_id, named[0].info.run_id)
+    parent = client.create_run(experiment_id, run_name=sweep_name).info.run_id
+    client.set_terminated(parent, "FINISHED")
+    return SweepTracking(uri, experiment_id, parent)
+
+
+def tracked_trials(tracking: SweepTracking) -> set[str]:
+    """Ids of the trials whose child run of the sweep's parent run holds their row: FINISHED, or stopped."""
+    client, ids = MlflowClient(tracking.uri), set()
+    parent = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{tracking.parent_run_id}'"
+    for query in (f"{parent} and attributes.status = 'FINISHED'", f"{parent} and tags.`{STOPPED_TAG}` = 'true'"):
+        token = None
+        while True:
+            page = client.search_runs([tracking.experiment_id], query, max_results=1000, page_token=token)
+            ids |= {run.data.tags[TRIAL_ID_TAG] for run in page if TRIAL_ID_TAG in run.data.tags}
+            token = page.token
+            if not token:
+                break
+    return ids
 
 
 def close_sweep(tracking: SweepTracking | None, artifacts: list[Path], status: str) -> None:
@@ -142,11 +192,14 @@ class TrialTracker:
                 self._client.log_batch(self.run_id, metrics=self._buffer)
         self._buffer = []
 
-    def finish(self, artifacts: dict[str, str], status: str = "FINISHED") -> None:
-        """Send what is buffered, attach `artifacts` (file name -> text) and end the run with `status`."""
+    def finish(self, artifacts: dict[str, str], stopped: bool = False) -> None:
+        """Send what is buffered, attach `artifacts` (file name -> text) and end the run: FINISHED, or KILLED
+        and tagged STOPPED_TAG for a trial a scheduler `stopped`."""
         self.flush()
         if self._client is not None:
             with self._guard("ending the trial's run"):
                 for name, text in artifacts.items():
                     self._client.log_text(self.run_id, text, name)
-                self._client.set_terminated(self.run_id, status)
+                if stopped:
+                    self._client.set_tag(self.run_id, STOPPED_TAG, "true")
+                self._client.set_terminated(self.run_id, "KILLED" if stopped else "FINISHED")

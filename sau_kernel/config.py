@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 PGD_INITS = ("max", "min", "zero", "random")
+MODES = ("reference", "fast")  # the same function; see sau_kernel/fast.py
 
 
 class SAUConfigError(ValueError):
@@ -26,6 +27,7 @@ class SAUConfig:
     batch_size: int = 256
     train_bn: bool = False
     seed: int = 0
+    mode: str = "reference"  # the readable code is the default; "fast" is shown to compute the same function
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -38,6 +40,7 @@ class SAUConfig:
             ("pgd_steps", self.pgd_steps >= 1, "must be >= 1"),
             ("pgd_step_size", self.pgd_step_size > 0, "must be > 0"),
             ("pgd_init", self.pgd_init in PGD_INITS, f"must be one of {', '.join(PGD_INITS)}"),
+            ("mode", self.mode in MODES, f"must be one of {', '.join(MODES)}"),
             ("lr", self.lr > 0, "must be > 0"),
             ("rounds", self.rounds >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),

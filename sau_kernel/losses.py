@@ -22,6 +22,21 @@ def js_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     return 0.5 * (p * (p.log() - m.log())).sum(1) + 0.5 * (q * (q.log() - m.log())).sum(1)
 
 
+def flip_masks(out: Tensor, out_g: Tensor, c: Tensor, c_g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """flipped_f, flipped_g and shared, per sample, from the two models' logits and their clean predictions."""
+    a, a_g = out.argmax(1), out_g.argmax(1)
+    flipped, flipped_g = a != c, a_g != c_g
+    return flipped, flipped_g, flipped & flipped_g & (a == a_g)
+
+
+def sar_per_sample(logits_adv: Tensor, a_g: Tensor) -> Tensor:
+    """-log(1 - q) per sample, q = softmax(f(x_adv))[a_g], with the reference's clamps."""
+    q = F.softmax(logits_adv, dim=1).gather(1, a_g[:, None]).squeeze(1)
+    # Both halves are -log(1 - q); the clamps stop the gradient where q < 0.001, as in the reference.
+    return 0.5 * (-torch.log(1e-6 + torch.clamp(1 - q, max=0.999))
+                  - torch.log(1 + 1e-6 - torch.clamp(q, min=0.001)))
+
+
 def init_delta(x: Tensor, cfg: SAUConfig, generator: torch.Generator | None = None) -> Tensor:
     if cfg.pgd_init == "max":
         return torch.full_like(x, cfg.eps)
@@ -48,9 +63,7 @@ def shared_pgd(model: nn.Module, ref_model: nn.Module, x: Tensor, y: Tensor, cfg
     for _ in range(cfg.pgd_steps):
         delta.requires_grad_(True)
         out, out_g = model(x + delta), ref_model(x + delta)  # x + delta is deliberately not clipped
-        a, a_g = out.argmax(1), out_g.argmax(1)
-        flipped, flipped_g = a != c, a_g != c_g
-        shared = flipped & flipped_g & (a == a_g)
+        flipped, flipped_g, shared = flip_masks(out, out_g, c, c_g)
         ce, ce_g = F.cross_entropy(out, y, reduction="none"), F.cross_entropy(out_g, y, reduction="none")
         loss_adv = -((ce * ~flipped).sum() + (ce_g * ~flipped_g).sum()) / (2 * batch)
         loss_js = (js_divergence(out, out_g) * ~shared).sum() / batch
@@ -74,11 +87,7 @@ def sau_loss(model: nn.Module, ref_model: nn.Module, x: Tensor, y: Tensor, delta
         a_g = ref_model(x_adv).argmax(1)
         c_g = ref_model(x).argmax(1) if ref_clean_pred is None else ref_clean_pred
     shared_mask = (a_g != y) & (a_g != c_g)
-    q = F.softmax(logits_adv, dim=1).gather(1, a_g[:, None]).squeeze(1)
-    # Both halves are -log(1 - q); the clamps stop the gradient where q < 0.001, as in the reference.
-    per_sample = 0.5 * (-torch.log(1e-6 + torch.clamp(1 - q, max=0.999))
-                        - torch.log(1 + 1e-6 - torch.clamp(q, min=0.001)))
-    loss_sar = (per_sample * shared_mask).sum() / batch
+    loss_sar = (sar_per_sample(logits_adv, a_g) * shared_mask).sum() / batch
     loss_clean = F.cross_entropy(logits, y)
     loss_at = F.cross_entropy(logits_adv, y)
     loss = cfg.lmd_clean * loss_clean + cfg.lmd_at * loss_at + cfg.lmd_sar * loss_sar

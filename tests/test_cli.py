@@ -95,6 +95,20 @@ def test_bad_attack_input_is_one_line_and_writes_nothing(args, fragments, tmp_pa
     assert not out.exists()
 
 
+def test_purify_fast_mode_gives_the_reference_figures(digits_record):
+    common = ["purify", str(digits_record), "--clean-ratio", "0.2", "--param", "lr=1e-3", "--param", "rounds=3",
+              "--param", "batch_size=64", "--device", "cpu", "--json"]
+    figures = []
+    for mode in ("reference", "fast"):
+        result = sau(*common, "--param", f"mode={mode}")
+        assert result.returncode == 0, result.stderr
+        figures.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    reference, fast = figures
+    # On the CPU the two purified models agree to about 1e-8 (tests/test_sau_fast.py): the same predictions.
+    assert {k: fast[k] for k in ("acc_after", "asr_after", "ra_after")} == \
+        {k: reference[k] for k in ("acc_after", "asr_after", "ra_after")}
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["--param", "eps=0"], ["eps", "> 0"]),
     (["--param", "eps=-0.1"], ["eps"]),
@@ -103,6 +117,7 @@ def test_bad_attack_input_is_one_line_and_writes_nothing(args, fragments, tmp_pa
     (["--param", "warp=3"], ["warp", "SAUConfig"]),
     (["--defense", "ft", "--param", "eps=0.1"], ["eps", "FTConfig"]),
     (["--defense", "ft", "--param", "lr=0"], ["lr", "> 0"]),
+    (["--param", "mode=turbo"], ["mode", "reference, fast"]),
 ])
 def test_bad_purify_input_is_one_line_and_writes_nothing(digits_record, args, fragments, tmp_path):
     out = tmp_path / "out"
@@ -152,7 +167,7 @@ def test_report_without_results_is_a_clear_error(tmp_path):
 
 
 def test_every_command_has_help():
-    for command in ([], ["run"], ["attack"], ["purify"], ["report"]):
+    for command in ([], ["run"], ["attack"], ["purify"], ["report"], ["sync"]):
         result = sau(*command, "--help")
         assert result.returncode == 0 and "usage: sau" in result.stdout
 

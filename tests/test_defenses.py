@@ -2,7 +2,7 @@
 the registry alone, and the trial-id rule (docs/design.md, "Trial identity")."""
 
 import copy
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field, fields, make_dataclass
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,6 +14,7 @@ from defenses import DEFENSES, SAU, Defense, FTConfig
 from defenses.ft import fine_tune
 from orchestrator import spec as spec_module
 from orchestrator.spec import SpecError, expand, load_grid
+from orchestrator.storage import Storage
 from orchestrator.store import train_model
 from orchestrator.trial import run_trial, write_stopped_row
 from sau_kernel import SAUConfig, purify
@@ -73,13 +74,15 @@ def test_a_search_runs_on_one_defense(tmp_path):
         grid(tmp_path, search={**search, "scheduler": {"name": "asha", "grace_rounds": 1}})
 
 
-def test_a_new_sau_field_at_its_default_keeps_every_trial_id(tmp_path, monkeypatch):
-    """SAUConfig gaining `mode: str = "reference"` must not orphan the rows of earlier sweeps."""
+def test_mode_at_its_default_keeps_every_trial_id(tmp_path, monkeypatch):
+    """SAUConfig gained `mode: str = "reference"` after trial ids were defined: it must not orphan earlier rows."""
     sau = {"eps": [0.1, 0.2], "clean_ratio": 0.2, "lr": 0.001, "rounds": 3}
-    before = [t.trial_id for t in expand(grid(tmp_path, sau=sau))]
-    with_mode = make_dataclass("SAUConfig", [("mode", "str", field(default="reference"))], bases=(SAUConfig,),
-                               frozen=True)
-    monkeypatch.setattr(SAU, "params_type", with_mode)
+    without_mode = make_dataclass("SAUConfig", [(f.name, f.type, field(default=f.default)) for f in fields(SAUConfig)
+                                                if f.name != "mode"], frozen=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(SAU, "params_type", without_mode)
+        before = [t.trial_id for t in expand(grid(tmp_path, sau=sau))]
+    assert "mode" not in SAU.id_fields
     trials = expand(grid(tmp_path, sau=sau))
     assert trials[0].config().mode == "reference" and trials[0].flat()["sau.mode"] == "reference"
     assert [t.trial_id for t in trials] == before
@@ -118,14 +121,14 @@ def test_a_defense_plugged_in_by_the_registry_alone_runs_as_a_trial(tmp_path, mo
     trials = expand(grid(tmp_path, defenses=["none", {"name": "shrink", "factor": [0.5, 2.0]}], eval_every=1))
     none, half, double = trials
     assert half.defense == "shrink" and half.flat()["shrink.factor"] == 0.5 and half.clean_ratio == 0.2
-    storage = tmp_path / "storage"
+    storage = Storage(tmp_path / "storage")
     train_model(none, storage / "models" / none.model_key)
     rows = [run_trial(t, storage, tracking=None) for t in trials]
     assert [r["defense"] for r in rows] == ["none", "shrink", "shrink"]
     assert [r["rounds_done"] for r in rows] == [0, 1, 1] and {r["status"] for r in rows} == {"finished"}
     assert rows[0]["acc_after"] == rows[0]["acc_before"] and rows[0]["der"] == 0.5  # the model as it is
     assert rows[1]["shrink.factor"] == 0.5 and rows[1]["code_version"] == "1"
-    assert pq.read_table(storage / "results" / f"{half.trial_id}.parquet").to_pylist()[0]["shrink.factor"] == 0.5
+    assert pq.read_table(tmp_path / "storage" / "results" / f"{half.trial_id}.parquet").to_pylist()[0]["shrink.factor"] == 0.5
 
 
 def test_ft_spends_sau_budget_and_resumes_exactly(digits):
@@ -152,19 +155,37 @@ def test_ft_spends_sau_budget_and_resumes_exactly(digits):
     assert not all(torch.equal(a, b) for a, b in zip(initial.values(), full.model.state_dict().values()))
 
 
+def stop_at_two(metrics):
+    if metrics["round"] == 2:
+        raise SystemExit(0)  # how Ray Tune ends a function trial it stopped
+
+
 def test_a_stopped_trial_leaves_a_row_marked_stopped(tmp_path):
     """What a scheduler's stop leaves: the trial ends inside a report, the driver writes the checkpoint's row."""
     (trial,) = expand(grid(tmp_path, eval_every=1, sau={"clean_ratio": 0.2, "lr": 0.001, "rounds": 3}))
-    storage = tmp_path / "storage"
+    storage = Storage(tmp_path / "storage")
     train_model(trial, storage / "models" / trial.model_key)
-
-    def stop_at_two(metrics):
-        if metrics["round"] == 2:
-            raise SystemExit(0)  # how Ray Tune ends a function trial it stopped
-
     with pytest.raises(SystemExit):
         run_trial(trial, storage, tracking=None, report=stop_at_two)
     row = write_stopped_row(storage, trial.trial_id, tracking=None)
     assert row["status"] == "stopped" and row["rounds_done"] == 2 and row["defense"] == "sau"
     assert write_stopped_row(storage, trial.trial_id, tracking=None) is None  # once
+    assert not (tmp_path / "storage" / "checkpoints" / trial.trial_id).exists()
+    # Its history is beside the row, as a finished trial's (`sau sync` reads it).
+    history = (tmp_path / "storage" / "history" / f"{trial.trial_id}.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history] == ["round", "1", "2"]
+
+
+def test_ft_resumes_from_its_checkpoint_as_if_never_interrupted(tmp_path):
+    (trial,) = expand(grid(tmp_path, defenses=["ft"], sau={"clean_ratio": 0.2, "lr": 0.001, "rounds": 3}))
+    storage, whole = Storage(tmp_path / "storage"), Storage(tmp_path / "whole")
+    train_model(trial, storage / "models" / trial.model_key)
+    train_model(trial, whole / "models" / trial.model_key)
+    with pytest.raises(SystemExit):
+        run_trial(trial, storage, tracking=None, report=stop_at_two)  # eval_every 2: a checkpoint at round 2
+    assert (storage / "checkpoints" / trial.trial_id).names() == ["state-000002.pt"]
+    resumed, uninterrupted = run_trial(trial, storage, tracking=None), run_trial(trial, whole, tracking=None)
+    assert resumed["status"] == "finished" and resumed["rounds_done"] == 3
+    assert {k: resumed[k] for k in ("acc_after", "asr_after", "ra_after")} == \
+        {k: uninterrupted[k] for k in ("acc_after", "asr_after", "ra_after")}
     assert not (storage / "checkpoints" / trial.trial_id).exists()

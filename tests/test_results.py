@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import results
+from orchestrator import storage
 from orchestrator.results import (ResultsError, finished_ids, format_table, pareto_front, read_results, read_row,
                                  write_row)
 
@@ -24,7 +24,7 @@ def test_round_trip_with_mixed_types(tmp_path):
     results_dir = tmp_path / "results"
     first = write_row(results_dir, row("a" * 16))
     write_row(results_dir, row("b" * 16, eps=0.2, mlflow_run_id="run-7"))
-    assert first == results_dir / f"{'a' * 16}.parquet"
+    assert first == str(results_dir / f"{'a' * 16}.parquet")
     df = read_results(tmp_path)  # a storage dir: reads its results/
     assert len(df) == 2 and list(df["trial_id"]) == ["a" * 16, "b" * 16]
     back = df.iloc[1].to_dict()
@@ -46,7 +46,7 @@ def test_crash_before_rename_leaves_no_row(tmp_path, monkeypatch):
     def killed(src, dst):
         raise KeyboardInterrupt  # the process dies between writing the temp file and renaming it
 
-    monkeypatch.setattr(results.os, "replace", killed)
+    monkeypatch.setattr(storage.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         write_row(tmp_path, row("a" * 16))
     assert finished_ids(tmp_path) == set()
@@ -102,7 +102,12 @@ def test_pareto_front():
 
 
 def test_read_row_returns_the_row_of_one_trial_or_none(tmp_path):
-    row = {"trial_id": "abc123", "attack": "badnets", "acc_after": 0.5, "rounds_done": 3}
+    row = {"trial_id": "abc123", "attack": "badnets", "defense": "ft", "status": "stopped", "code_version": "1",
+           "acc_after": 0.5, "rounds_done": 3}
     write_row(tmp_path, row)
     assert read_row(tmp_path, "abc123") == row
     assert read_row(tmp_path, "missing") is None
+    # A row written before `defense`, `status` and `code_version` existed reads as read_results shows it.
+    old = {"trial_id": "old", "attack": "badnets", "acc_after": 0.5, "rounds_done": 3}
+    write_row(tmp_path, old)
+    assert read_row(tmp_path, "old") == {**old, "defense": "sau", "status": "finished", "code_version": "unrecorded"}

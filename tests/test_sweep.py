@@ -11,7 +11,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -21,6 +20,9 @@ import ray
 import torch
 from mlflow import MlflowClient
 from PIL import Image
+
+from ray_nodes import session_pids
+from servers import wait_until_healthy
 
 from orchestrator.results import finished_ids, read_results
 from orchestrator.spec import expand, load_grid
@@ -108,30 +110,14 @@ def test_rerun_without_resume_fails_and_writes_nothing(grid_sweep):
     assert sorted((p, p.stat().st_mtime_ns) for p in storage.rglob("*")) == before
 
 
-def session_pids(sid: int) -> list[int]:
-    """The processes of session `sid`: the killed driver's Ray processes."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # fields after "(comm)": state, ppid, pgrp, session
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def listening_addresses(pids: list[int]) -> list[str]:
     out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
     return [line.split()[3] for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids)]
 
 
-def checkpoint_round(path: Path) -> int:
-    """The round a trial's checkpoint holds, 0 where there is none (yet, or any more)."""
-    try:
-        return torch.load(path, weights_only=True)["purify"]["round"]
-    except FileNotFoundError:
-        return 0
+def checkpoint_round(directory: Path) -> int:
+    """The round a trial's newest checkpoint holds (named after it), 0 where there is none (yet, or any more)."""
+    return max((int(p.stem.partition("-")[2]) for p in directory.glob("state-*.pt")), default=0)
 
 
 def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
@@ -139,7 +125,7 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
     path = write_grid(name="killed", sau={"eps": [0.1, 0.2], "rounds": [30, 2]})
     storage = tmp_path / "sweep"
     specs = {s.trial_id: s for s in expand(load_grid(path))}
-    long_trials = [storage / "checkpoints" / i / "state.pt" for i, s in specs.items() if s.params["rounds"] == 30]
+    long_trials = [storage / "checkpoints" / i for i, s in specs.items() if s.params["rounds"] == 30]
     script = tmp_path / "sweep.py"
     script.write_text(textwrap.dedent(f"""
         from pathlib import Path
@@ -169,8 +155,8 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
     loopback = {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}
     assert addresses and {a.rpartition(":")[0] for a in addresses} <= loopback, addresses
 
-    checkpoints = {p.parent.name: torch.load(p, weights_only=True)
-                   for p in (storage / "checkpoints").glob("*/state.pt")}
+    checkpoints = {d.name: torch.load(max(d.glob("state-*.pt")), weights_only=True)
+                   for d in (storage / "checkpoints").iterdir() if any(d.glob("state-*.pt"))}
     assert any(state["purify"]["round"] < specs[i].params["rounds"] for i, state in checkpoints.items())
     done_before = finished_ids(storage / "results")
     df, lines = sweep(path, storage, resume=True)
@@ -246,7 +232,7 @@ def test_asha_stops_hopeless_trials_and_marks_their_rows_stopped(write_grid, tmp
         assert max(m.step for m in history) >= row["rounds_done"]
         assert row["asr_after"] == pytest.approx([m.value for m in history if m.step == row["rounds_done"]][0])
     assert {status[t] for t in finished["trial_id"]} == {"FINISHED"}
-    assert not list((storage / "checkpoints").glob("*/state.pt"))
+    assert not list((storage / "checkpoints").glob("*/state-*.pt"))
     assert len(select(rows, {})) == len(finished)  # `sau report` shows finished trials by default
 
 
@@ -277,15 +263,7 @@ def test_mlflow_server_receives_the_child_runs(write_grid, tmp_path):
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
+        wait_until_healthy(server, uri, 120)
         storage = tmp_path / "sweep"
         df, _ = sweep(write_grid(name="served"), storage, tracking_uri=uri)
         client, info, runs = child_runs(uri, storage)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from orchestrator import plots
 from orchestrator.results import ResultsError, read_results, write_row
+from orchestrator.storage import Storage
 from orchestrator.tables import paper_table, render, select
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,13 +129,14 @@ def test_figures_decode_at_their_size(storage, tmp_path):
                                             for e in (0.1, 0.2, 0.3)):
         rows.append(row(n, attack, "sau", seed, (0.9 - eps / 3, 0.5 - eps - seed / 20, 0.6, 0.8), **{"sau.eps": eps}))
     df = pd.DataFrame(rows)
-    out = tmp_path / "figures"
-    paths = plots.against(df, "eps", ["asr_after", "acc_after"], out)
-    assert [p.name for p in paths] == ["eps-asr_after-acc_after.png", "eps-asr_after-acc_after.svg"]
+    out = Storage(tmp_path / "figures")
+    paths = [Path(p) for p in plots.against(df, "eps", ["asr_after", "acc_after"], out)]
+    assert paths == [tmp_path / "figures" / name for name in ("eps-asr_after-acc_after.png",
+                                                               "eps-asr_after-acc_after.svg")]
     for path in paths:
         decoded(path, (1280, 400))
     for path in plots.pareto(df, [("acc_after", "max"), ("asr_after", "min")], out):
-        decoded(path, (640, 400))
+        decoded(Path(path), (640, 400))
     with pytest.raises(ResultsError, match="--x lmd_sar: no such column"):
         plots.against(df, "lmd_sar", ["asr_after"], out)
 

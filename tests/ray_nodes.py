@@ -1,0 +1,122 @@
+"""Real Ray nodes on this machine for tests: `ray start` processes on loopback addresses, each in its own
+session, with their own ports, temp dir and cluster token, so that a test stops exactly the processes it
+started (other Ray clusters may be running on the machine) and nothing listens beyond loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_pids(sid: int) -> list[int]:
+    """The processes of session `sid`."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after "(comm)": state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def listening_addresses(pids: list[int]) -> list[str]:
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[3] for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids)]
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (Ray's daemons outlive the process that started them)."""
+    for pid in session_pids(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class LocalCluster:
+    """A head node and worker nodes on loopback addresses, each a `ray start --block` process in its own
+    session. `env` is what a client of this cluster needs (token, PATH of this interpreter's environment)."""
+
+    def __init__(self, temp_dir: Path, head_cpus: int, head_ip: str = "127.0.0.1"):
+        """`head_ip` 127.0.0.1 makes a single-node cluster: Ray rewrites that address to the machine's network
+        address wherever multi-node clusters are enabled, which a worker's `ray start --address` needs, so a
+        cluster that will have workers takes another loopback address (127.0.0.11)."""
+        self.temp_dir = temp_dir
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.address = f"{head_ip}:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        # The Jobs API starts entrypoints with the `python` on the PATH `ray start` ran with.
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                    "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.nodes: list[subprocess.Popen] = []
+        self._start(["--head", "--port", str(self.port), "--node-ip-address", head_ip,
+                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                     "--ray-client-server-port", str(free_port()), "--temp-dir", str(temp_dir),
+                     "--num-cpus", str(head_cpus), "--num-gpus", "0"],
+                    {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if head_ip == "127.0.0.1" else "1"})
+
+    def add_worker(self, ip: str, cpus: int) -> subprocess.Popen:
+        """A worker node on the loopback address `ip` (127.0.0.2, ...); returns its `ray start` process."""
+        return self._start(["--address", self.address, "--node-ip-address", ip, "--num-cpus", str(cpus),
+                            "--num-gpus", "0"], {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+
+    def _start(self, args: list[str], env: dict) -> subprocess.Popen:
+        agent_ports = ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
+        log = open(self.temp_dir / f"ray-start-{len(self.nodes)}.log", "w")
+        node = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args, *agent_ports],
+                                env={**self.env, **env}, start_new_session=True, stdout=log, stderr=log)
+        self.nodes.append(node)
+        # A node counts once the GCS lists it alive; nodes whose `ray start` has ended (killed) do not.
+        deadline = time.monotonic() + 180
+        while self.alive_nodes() < sum(n.poll() is None for n in self.nodes):
+            assert node.poll() is None, f"ray start exited {node.returncode}: see {log.name}"
+            assert time.monotonic() < deadline, f"Ray node not alive after 180 s: see {log.name}"
+            time.sleep(1)
+        return node
+
+    def alive_nodes(self) -> int:
+        out = subprocess.run([RAY, "list", "nodes", "--address", self.dashboard, "--filter", "state=ALIVE",
+                              "--format", "json"], env=self.env, capture_output=True, text=True)
+        try:
+            return len(json.loads(out.stdout))
+        except ValueError:
+            return 0
+
+    def pids(self) -> list[int]:
+        return [pid for node in self.nodes for pid in session_pids(node.pid)]
+
+    def stop(self) -> None:
+        """Stop this cluster's processes only: SIGTERM to each node's `ray start --block`, then SIGKILL."""
+        for node in self.nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGTERM)
+        for node in self.nodes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.wait(timeout=20)
+            kill_session(node.pid)
+            node.wait()
