@@ -17,8 +17,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+SAU = [sys.executable, "-m", "orchestrator.cli"]  # the `sau` command on this checkout's code
 RAY = str(Path(sys.executable).with_name("ray"))
 LOOPBACK = {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}  # the host part of a listening address on loopback
+
+
+def sau(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`sau ARGS` in a process of its own, with this one's environment and this checkout on its path."""
+    return subprocess.run([*SAU, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def _stats() -> dict[int, tuple[int, int, str]]:

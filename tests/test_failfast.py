@@ -23,13 +23,7 @@ from orchestrator.spec import SpecError, load_grid
 from sau_kernel import SAUConfig, SAUConfigError
 
 from conftest import TINY_GRID
-
-REPO = Path(__file__).resolve().parents[1]
-SAU = [sys.executable, "-m", "orchestrator.cli"]
-
-
-def sau(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([*SAU, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+from processes import REPO, sau
 
 
 def assert_one_line(result: subprocess.CompletedProcess, *fragments: str, code: int = 2) -> None:

@@ -92,8 +92,10 @@ def check_grid(text: str) -> str | None:
             return message
         assert 1 <= grid.trial_count <= MAX_TRIALS
         if grid.trial_count <= 64:
-            for spec in expand(grid):  # every trial is one the kernel and the trainer accept
-                spec.sau_config(), TrainRecipe(**spec.training), spec.trial_id
+            specs = expand(grid)
+            assert len(specs) == grid.trial_count
+            for spec in specs:  # every trial is one its defense and the trainer accept
+                spec.config(), TrainRecipe(**spec.training), spec.trial_id
         try:
             _check_against_data(grid)  # what the data decides, still before anything is written
         except (SweepError, *USER_ERRORS) as error:
