@@ -132,6 +132,9 @@ def test_int_and_float_spellings_give_one_id(tmp_path):
 
 
 BAD = [
+    (quickstart(defenses=[{"name": "sau", "rounds": 1_000_000}]), "defenses[0].rounds: must be in [1, 100000]"),
+    (quickstart(defenses=[{"name": "ft", "rounds": 1_000_000}]), "defenses[0].rounds: must be in [1, 100000]"),
+    (quickstart(defenses=[{"name": "ft", "lr": 0}]), "defenses[0].lr: must be a finite number > 0"),
     (quickstart(foo=1), "foo: unknown field"),
     (quickstart(sau={"eps": 0}), "sau.eps: must be > 0"),
     (quickstart(sau={"eps": [0.1, -1]}), "sau.eps: must be > 0"),
