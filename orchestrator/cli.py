@@ -17,11 +17,12 @@ from backdoor import (AttackError, DataError, ModelError, RecipeError, RecordErr
                       to_unit, train_record)
 from backdoor.backdoorbench import BackdoorBenchError, import_backdoorbench
 from backdoor.record import ModelRecord
-from sau_kernel import SAUConfig, SAUConfigError, purify
+from defenses import DEFENSES
+from sau_kernel import SAUConfigError
 
 from .results import ResultsError, format_table, read_results
 from .spec import SpecError
-from .storage import StorageError
+from .storage import Storage, StorageError
 
 USER_ERRORS = (AttackError, BackdoorBenchError, DataError, ModelError, RecipeError, RecordError, ResultsError,
                SAUConfigError, SpecError, StorageError)
@@ -53,12 +54,17 @@ def parse_scalar(text: str) -> object:
     return text
 
 
-def sau_config(params: dict[str, object]) -> SAUConfig:
-    known = {f.name for f in fields(SAUConfig)}
+def defense_config(defense: str, params: dict[str, object]):
+    params_type = DEFENSES[defense].params_type
+    known = {f.name for f in fields(params_type)}
     unknown = sorted(set(params) - known)
     if unknown:
-        raise CommandError(f"--param {unknown[0]}: not an SAUConfig field (fields: {', '.join(sorted(known))})")
-    return SAUConfig(**params)
+        raise CommandError(f"--param {unknown[0]}: not a parameter of {defense} "
+                           f"({params_type.__name__} fields: {', '.join(sorted(known)) or 'none'})")
+    try:
+        return params_type(**params)
+    except ValueError as error:
+        raise CommandError(f"--param {error}") from None
 
 
 def device_of(name: str) -> torch.device:
@@ -85,7 +91,6 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     grid = load_grid(args.grid)  # a bad spec fails before ray, mlflow and optuna load
 
-    from .storage import Storage
     from .store import StoreError
     from .sweep import SweepError, run_sweep
 
@@ -125,7 +130,7 @@ def cmd_import_backdoorbench(args: argparse.Namespace) -> None:
 
 
 def cmd_purify(args: argparse.Namespace) -> None:
-    cfg = sau_config(parse_params(args.param))
+    cfg = defense_config(args.defense, parse_params(args.param))
     if not 0 < args.clean_ratio <= 1:
         raise CommandError(f"--clean-ratio: must be in (0, 1] (got {args.clean_ratio})")
     out = Path(args.out) if args.out else None
@@ -139,11 +144,12 @@ def cmd_purify(args: argparse.Namespace) -> None:
     device = device_of(args.device)
     sets = eval_sets(data, attack)
     before = evaluate(model.to(device), sets, device=device)
-    index = clean_subset(len(data.x_train), args.clean_ratio, cfg.seed)
+    index = clean_subset(len(data.x_train), args.clean_ratio, getattr(cfg, "seed", 0))
     start = time.perf_counter()
-    result = purify(model, to_unit(data.x_train[index]), data.y_train[index], cfg, device=device,
-                    on_round=lambda p: print(f"round {p.log.round}: loss {p.log.loss:.4f} (clean {p.log.clean:.4f}, "
-                                             f"sar {p.log.sar:.4f})", file=sys.stderr))
+    result = DEFENSES[args.defense].purify(
+        model, to_unit(data.x_train[index]), data.y_train[index], cfg, device=device,
+        on_round=lambda p: print(f"round {p.log.round}: loss {p.log.loss:.4f} (clean {p.log.clean:.4f}, "
+                                 f"sar {p.log.sar:.4f})", file=sys.stderr))
     seconds = time.perf_counter() - start
     after = evaluate(result.model, sets, device=device)
     summary = {**{f"{k}_before": v for k, v in asdict(before).items()},
@@ -152,19 +158,68 @@ def cmd_purify(args: argparse.Namespace) -> None:
     if out is not None:
         save_record(out, result.model.cpu(), attack,
                     ModelRecord(**{**asdict(record), "metrics": asdict(after)}))
-    emit(summary, [f"clean images: {len(index)}  rounds: {cfg.rounds}  time: {seconds:.1f} s",
+    emit(summary, [f"defense: {args.defense}  clean images: {len(index)}  rounds: {len(result.history)}  "
+                   f"time: {seconds:.1f} s",
                    f"ACC {pct(before.acc)} -> {pct(after.acc)}",
                    f"ASR {pct(before.asr)} -> {pct(after.asr)}",
                    f"RA  {pct(before.ra)} -> {pct(after.ra)}",
                    f"DER {summary['der']:.4f}"] + ([f"purified model record: {out}"] if out else []), args.json)
 
 
+def _rows(args: argparse.Namespace):
+    """The rows of args.path that --status and --where select; warns when they come from several code versions."""
+    from .tables import code_versions, select
+
+    df = read_results(args.path)
+    versions = code_versions(df)
+    if len(versions) > 1:
+        print(f"warning: {args.path} holds rows of code versions {', '.join(versions)}; they are shown apart and "
+              "never averaged together", file=sys.stderr)
+    return select(df, parse_params(args.where, "--where"), args.status)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
-    print(format_table(read_results(args.path), args.format))
+    from .tables import paper_table, render
+
+    df = _rows(args)
+    if args.table == "paper":
+        group_by = args.group_by.split(",") if args.group_by is not None else None
+        print(render(paper_table(df, group_by), args.format), end="")
+    elif args.format == "latex" or args.group_by is not None:
+        raise CommandError("--format latex and --group-by go with --table paper")
+    elif df.empty:
+        raise CommandError(f"{args.path}: no rows with status {args.status} and --where {' '.join(args.where)}")
+    else:
+        print(format_table(df, args.format))
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from . import plots
+
+    df, out, paths = _rows(args), Storage(args.out), []
+    if df.empty:
+        raise CommandError(f"{args.path}: no rows with status {args.status} and --where {' '.join(args.where)}")
+    if args.x:
+        paths += plots.against(df, args.x, args.y.split(","), out)
+    if args.pareto:
+        objectives = [tuple(o.partition(":")[::2]) for o in args.pareto.split(",")]
+        paths += plots.pareto(df, objectives, out)
+    if args.trials:
+        chosen = df[df["trial_id"].str.startswith(tuple(args.trials.split(",")))]
+        if chosen.empty:
+            raise CommandError(f"--trials {args.trials}: no such trial among the selected rows")
+        info = Storage(args.path).read("sweep.json")
+        uri = args.tracking_uri or (json.loads(info)["tracking_uri"] if info is not None else None)
+        if uri is None:
+            raise CommandError(f"--trials: {Storage(args.path).location('sweep.json')} is absent; "
+                               "give --tracking-uri")
+        paths += plots.rounds(uri, chosen, out)
+    if not paths:
+        raise CommandError("nothing to plot: give --x, --pareto or --trials")
+    print("\n".join(paths))
 
 
 def cmd_sync(args: argparse.Namespace) -> None:
-    from .storage import Storage
     from .sync import SyncError, sync
 
     storage = Storage(args.storage)
@@ -218,19 +273,43 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="model record directory to create")
     imp.set_defaults(func=cmd_import_backdoorbench)
 
-    pur = commands.add_parser("purify", help="purify one model record with SAU")
+    pur = commands.add_parser("purify", help="purify one model record with a defense (default SAU)")
     pur.add_argument("model_dir", help="model record directory")
     pur.add_argument("--dataset", help="data set (default: the one the model was trained on)")
     pur.add_argument("--clean-ratio", type=float, default=0.05, help="share of the training split used (default 0.05)")
-    pur.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="SAUConfig field")
+    pur.add_argument("--defense", choices=list(DEFENSES), default="sau", help="the defense (default sau)")
+    pur.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="a parameter of the defense (sau: SAUConfig fields; ft: lr, rounds, batch_size, train_bn)")
     pur.add_argument("--out", help="write the purified model as a model record here")
     data_options(pur)
     pur.set_defaults(func=cmd_purify)
 
+    def row_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("path", help="storage (directory or URI), results directory or Parquet file")
+        p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                       help="only rows with this value (rows without the column are kept), e.g. clean_ratio=0.05")
+        p.add_argument("--status", choices=("finished", "stopped", "all"), default="finished",
+                       help="rows of trials that ran to the end (default), that a scheduler stopped, or both")
+
     report = commands.add_parser("report", help="print the results of a sweep as a table")
-    report.add_argument("path", help="storage (directory or URI), results directory or Parquet file")
-    report.add_argument("--format", choices=("md", "csv"), default="md")
+    row_options(report)
+    report.add_argument("--table", choices=("trials", "paper"), default="trials",
+                        help="a row per trial (default), or the paper's: a row per data set, architecture, attack")
+    report.add_argument("--format", choices=("md", "csv", "latex"), default="md", help="latex: --table paper only")
+    report.add_argument("--group-by", metavar="COLUMN[,COLUMN]",
+                        help="--table paper: columns that split rows (default: every axis that varies)")
     report.set_defaults(func=cmd_report)
+
+    plot = commands.add_parser("plot", help="draw a sweep's figures as PNG and SVG")
+    row_options(plot)
+    plot.add_argument("--x", help="ACC/ASR against this setting: eps, clean_ratio, any defense parameter")
+    plot.add_argument("--y", default="asr_after,acc_after", help="metrics of --x (default asr_after,acc_after)")
+    plot.add_argument("--pareto", metavar="METRIC:MODE,METRIC:MODE",
+                      help="the Pareto front of two objectives, e.g. acc_after:max,asr_after:min")
+    plot.add_argument("--trials", metavar="ID[,ID]", help="per-round curves of these trials (id prefixes)")
+    plot.add_argument("--tracking-uri", help="MLflow store of --trials (default: the storage's sweep.json)")
+    plot.add_argument("--out", required=True, help="where the figures go: a directory or an s3:// or gs:// URI")
+    plot.set_defaults(func=cmd_plot)
 
     syn = commands.add_parser("sync", help="create the MLflow runs a sweep could not (its tracking server was down)")
     syn.add_argument("storage", help="the sweep's storage (directory or URI)")

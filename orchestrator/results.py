@@ -9,9 +9,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from defenses import DEFENSES
+
 from .storage import Storage, StorageError
 
 BEFORE_AFTER = ("acc", "asr", "ra")  # shown as before→after
+# Columns rows written before they existed lack: those rows are SAU trials that ran to the end, and the code
+# version that made them is unknown.
+FILLED = {"defense": "sau", "status": "finished", "code_version": "unrecorded"}
 
 
 class ResultsError(ValueError):
@@ -33,9 +38,9 @@ def _table(data: bytes) -> pa.Table:
 
 
 def read_row(results: Storage | str | os.PathLike, trial_id: str) -> dict | None:
-    """The row of `trial_id`, or None if it has none."""
+    """The row of `trial_id` (FILLED where it lacks a column), or None if it has none."""
     data = _at(results).read(f"{trial_id}.parquet")
-    return None if data is None else _table(data).to_pylist()[0]
+    return None if data is None else {**FILLED, **_table(data).to_pylist()[0]}
 
 
 def write_row(results: Storage | str | os.PathLike, row: dict) -> str:
@@ -68,7 +73,16 @@ def read_results(path: Storage | str | os.PathLike) -> pd.DataFrame:
     except (OSError, pa.ArrowException, StorageError) as e:
         raise ResultsError(f"{path}: cannot read results: {str(e).splitlines()[0]}") from None
     # Rows written at different times may differ in column set or type (null vs str, int vs float).
-    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    df = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    for column, value in FILLED.items():
+        df[column] = df[column].fillna(value) if column in df else value
+    return df
+
+
+def parameter_columns(df: pd.DataFrame) -> list[str]:
+    """The columns of attack and defense parameters, and clean_ratio."""
+    prefixes = ("attack.", *(f"{name}." for name in DEFENSES))
+    return [c for c in df.columns if c.startswith(prefixes) or c == "clean_ratio"]
 
 
 def format_table(df: pd.DataFrame, fmt: str = "md") -> str:
@@ -78,13 +92,14 @@ def format_table(df: pd.DataFrame, fmt: str = "md") -> str:
     if fmt != "md":
         raise ResultsError(f"unknown table format {fmt!r} (expected md or csv)")
     # Blanks do not make a column vary: they are the parameters other attacks lack.
-    swept = [c for c in df.columns
-             if (c.startswith(("sau.", "attack.")) or c == "clean_ratio") and df[c].nunique() > 1]
-    df = df.sort_values(["attack", "arch", *swept, "seed"], kind="stable")
-    header = ["trial", "attack", "arch", "seed", *swept, "ACC", "ASR", "RA", "DER"]
+    # A status column only where some trial did not finish (ASHA stopped it).
+    swept = [c for c in parameter_columns(df) if df[c].nunique() > 1] + (["status"] if "status" in df and
+                                                                          df["status"].nunique() > 1 else [])
+    df = df.sort_values(["attack", "arch", "defense", *swept, "seed"], kind="stable")
+    header = ["trial", "attack", "arch", "defense", "seed", *swept, "ACC", "ASR", "RA", "DER"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for _, r in df.iterrows():
-        cells = [r["trial_id"][:8], r["attack"], r["arch"], r["seed"], *(r[c] for c in swept)]
+        cells = [r["trial_id"][:8], r["attack"], r["arch"], r["defense"], r["seed"], *(r[c] for c in swept)]
         cells = [_cell(v) for v in cells]
         cells += [f"{100 * r[f'{m}_before']:.1f}→{100 * r[f'{m}_after']:.1f}" for m in BEFORE_AFTER]
         cells.append(f"{r['der']:.3f}")

@@ -14,11 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pydantic_core import PydanticCustomError
 
 from backdoor import ARCHS, ATTACKS, CODE_VERSION, DATASETS, TrainRecipe
-from sau_kernel import SAUConfig
+from defenses import DEFENSES
 
 DEFAULT_CLEAN_RATIO = 0.05  # the paper's
-SAU_TYPES = {name: kind for name, kind in get_type_hints(SAUConfig).items() if name != "seed"}
-SAU_TYPES["clean_ratio"] = float
+FIRST_CODE_VERSION = "1"  # the code version trial ids were defined at: it enters no id
 METRICS = ("acc_after", "asr_after", "ra_after", "der")
 
 
@@ -53,21 +52,36 @@ def _fill(cls: type, values: dict, what: str) -> dict:
         raise _bad(head.rpartition(".")[2], reason) from None
 
 
-def _sau_value(key: str, value, at: str | None = None):
-    if key not in SAU_TYPES:
-        raise _bad(key, f"unknown SAU field (known: {', '.join(SAU_TYPES)}; seed comes from seeds)")
-    return _typed(SAU_TYPES[key], value, at or key)
+def _param_types(defense: str) -> dict[str, type]:
+    """The settings of a defense in a grid: its parameters but seed, plus clean_ratio if it uses clean data."""
+    cls = DEFENSES[defense]
+    types = {name: kind for name, kind in get_type_hints(cls.params_type).items() if name != "seed"}
+    return types if cls.per_model else {**types, "clean_ratio": float}
 
 
-def _sau_combo(values: dict) -> dict:
-    """One point of the SAU axes -> every SAUConfig field but seed, plus clean_ratio; validated."""
-    values = {key: _sau_value(key, value) for key, value in values.items()}
+def _param_value(defense: str, key: str, value, at: str | None = None):
+    types = _param_types(defense)
+    if not types:
+        raise _bad(key, f"{defense} takes no parameters")
+    if key not in types:
+        raise _bad(key, f"unknown {defense.upper()} field (known: {', '.join(types)}; "
+                        "seed comes from seeds)")
+    return _typed(types[key], value, at or key)
+
+
+def _combo(defense: str, values: dict) -> tuple[dict, float | None]:
+    """One point of a defense's axes -> (every parameter but seed, clean_ratio); validated."""
+    values = {key: _param_value(defense, key, value) for key, value in values.items()}
+    cls = DEFENSES[defense]
+    if cls.per_model:
+        return {}, None
     clean_ratio = values.pop("clean_ratio", DEFAULT_CLEAN_RATIO)
     if not 0 < clean_ratio <= 1:
         raise _bad("clean_ratio", f"must be in (0, 1], got {clean_ratio}")
-    sau = _fill(SAUConfig, {**values, "seed": 0}, "SAU field")
-    del sau["seed"]  # each trial sets its own
-    return {**sau, "clean_ratio": clean_ratio}
+    seeded = "seed" in get_type_hints(cls.params_type)
+    params = _fill(cls.params_type, {**values, **({"seed": 0} if seeded else {})}, f"{defense.upper()} field")
+    params.pop("seed", None)  # each trial sets its own
+    return params, clean_ratio
 
 
 def _no_repeats(items: list, at: str = "") -> list:
@@ -75,6 +89,25 @@ def _no_repeats(items: list, at: str = "") -> list:
         if item in items[:i]:
             raise _bad(f"{at}[{i}]", f"same as item {items.index(item)}")
     return items
+
+
+def _axes(defense: str, values: dict) -> dict:
+    """A defense's settings, each a value or a list of values (an axis), typed; every combination valid."""
+    typed = {}
+    for key, value in values.items():
+        if value == []:
+            raise _bad(key, "empty list")
+        typed[key] = (_no_repeats([_param_value(defense, key, v) for v in value], key) if isinstance(value, list)
+                      else _param_value(defense, key, value))
+    for point in _points(typed):
+        _combo(defense, point)
+    return typed
+
+
+def _points(axes: dict) -> list[dict]:
+    """The cartesian product of the list-valued (axis) entries, in key order."""
+    lists = [v if isinstance(v, list) else [v] for v in axes.values()]
+    return [dict(zip(axes, point)) for point in itertools.product(*lists)]
 
 
 class DatasetSpec(BaseModel):
@@ -122,6 +155,31 @@ class AttackSpec(BaseModel):
         return {**data, "params": _fill(ATTACKS[name].params_type, params, f"parameter of {name}")}
 
 
+class DefenseSpec(BaseModel):
+    """A defense and its own axes. YAML: `ft` or {name: ft, lr: [1.0e-4, 1.0e-3]}; the grid's `sau:` section
+    adds the keys that are parameters of this defense (see GridSpec.defense_axes)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    params: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_axes(cls, data):
+        if isinstance(data, str):
+            data = {"name": data}
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        params = data.pop("params") if "params" in data else {k: data.pop(k) for k in list(data) if k != "name"}
+        name = data.get("name")
+        if name not in DEFENSES:
+            raise _bad("name", "required" if name is None else
+                       f"unknown defense {name!r} (known: {', '.join(DEFENSES)})")
+        if not isinstance(params, dict):
+            raise _bad("params", f"expected a mapping (got {params!r})")
+        return {**data, "params": _axes(name, params)}
+
+
 class ParamRange(BaseModel):
     """A search dimension: low/high (ints for int fields: an integer distribution) or choices."""
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -151,28 +209,49 @@ class Objective(BaseModel):
     mode: Literal["max", "min"]
 
 
+class SchedulerSpec(BaseModel):
+    """Early stopping of hopeless trials: Ray Tune's ASHA on the `round` attribute and the first objective.
+    A trial is compared at rounds grace_rounds * reduction_factor**k, on its latest evaluation; both must make
+    those rounds evaluation rounds (multiples of eval_every), so that it is compared on what it reached then."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: Literal["asha"]
+    grace_rounds: int = Field(ge=1)
+    reduction_factor: int = Field(3, ge=2)  # ASHA's usual 3: a third of the trials go on at each rung
+
+
 class SearchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     num_samples: int = Field(ge=1)
     max_concurrent: int = Field(2, ge=1)
     sampler: Literal["tpe", "random", "nsga2", "gp"] = "tpe"
     seed: int = 0
+    defense: str = "sau"  # the grid's one defense (GridSpec fills it in from `defenses`)
     space: dict[str, ParamRange] = Field(min_length=1)
     objectives: list[Objective] = Field(min_length=1, max_length=2)
+    scheduler: SchedulerSpec | None = None
+
+    @field_validator("defense")
+    @classmethod
+    def _searchable(cls, defense: str) -> str:
+        if defense not in DEFENSES or DEFENSES[defense].per_model:
+            raise ValueError(f"cannot search {defense!r}: it has no parameters")
+        return defense
 
     @field_validator("space")
     @classmethod
-    def _sau_fields(cls, space: dict[str, ParamRange]) -> dict[str, ParamRange]:
+    def _defense_fields(cls, space: dict[str, ParamRange], info) -> dict[str, ParamRange]:
+        defense = info.data.get("defense", "sau")
         typed = {}
         for field, dim in space.items():
             # Values take the field's type: an int field's low/high become ints (an integer distribution).
             if dim.choices is None:
-                update = {key: _sau_value(field, getattr(dim, key), f"{field}.{key}") for key in ("low", "high")}
+                update = {key: _param_value(defense, field, getattr(dim, key), f"{field}.{key}")
+                          for key in ("low", "high")}
             else:
-                update = {"choices": [_sau_value(field, v, f"{field}.choices") for v in dim.choices]}
+                update = {"choices": [_param_value(defense, field, v, f"{field}.choices") for v in dim.choices]}
             dim = dim.model_copy(update=update)
             for value in dim.choices or (dim.low, dim.high):
-                _sau_combo({field: value})
+                _combo(defense, {field: value})
             typed[field] = dim
         return typed
 
@@ -205,6 +284,7 @@ class GridSpec(BaseModel):
     archs: list[str] = Field(min_length=1)
     attack_training: dict[str, Any] = Field({}, validate_default=True)
     sau: dict[str, Any] = {}
+    defenses: list[DefenseSpec] = Field([DefenseSpec(name="sau")], min_length=1)
     seeds: list[Annotated[int, Field(ge=0)]] = Field([0], min_length=1)
     eval_every: int = Field(10, ge=1)
     resources: Resources = Resources()
@@ -243,31 +323,63 @@ class GridSpec(BaseModel):
     @field_validator("sau")
     @classmethod
     def _sau_axes(cls, sau: dict) -> dict:
-        typed = {}
-        for key, value in sau.items():
-            if value == []:
-                raise _bad(key, "empty list")
-            typed[key] = (_no_repeats([_sau_value(key, v) for v in value], key) if isinstance(value, list)
-                          else _sau_value(key, value))
-        for point in _points(typed):  # every combination must make a valid SAUConfig
-            _sau_combo(point)
-        return typed
+        return _axes("sau", sau)
+
+    @field_validator("defenses")
+    @classmethod
+    def _distinct_defenses(cls, defenses: list[DefenseSpec]) -> list[DefenseSpec]:
+        return _no_repeats(defenses)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _search_defense(cls, data):
+        """A search tunes the grid's one defense."""
+        if isinstance(data, dict) and isinstance(data.get("search"), dict) and isinstance(data.get("defenses"), list):
+            if len(data["defenses"]) != 1:
+                raise _bad("search", f"runs on one defense; defenses has {len(data['defenses'])}")
+            entry = data["defenses"][0]
+            data = {**data, "search": {"defense": entry.get("name") if isinstance(entry, dict) else entry,
+                                       **data["search"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _defense_points(self) -> GridSpec:
+        for i, (name, axes) in enumerate(self.defense_axes()):
+            try:
+                for point in _points(axes):  # every combination must make a valid configuration
+                    _combo(name, point)
+            except PydanticCustomError as e:
+                raise _bad(f"defenses[{i}].{e.context['at']}", e.context["reason"]) from None
+        return self
 
     @model_validator(mode="after")
     def _search_without_axes(self) -> GridSpec:
         if self.search is not None:
-            axes = {f"sau.{k}": v for k, v in self.sau.items() if isinstance(v, list)}
+            if [d.name for d in self.defenses] != [self.search.defense]:
+                raise _bad("search.defense", f"must be the grid's one defense, {self.defenses[0].name}")
+            name, settings = self.defense_axes()[0]
+            axes = {f"{name}.{k}": v for k, v in settings.items() if isinstance(v, list)}
             axes.update(attacks=self.attacks, archs=self.archs, seeds=self.seeds)
             for field, values in axes.items():
                 if len(values) > 1:
                     raise _bad("search", f"cannot be combined with grid axes; {field} has {len(values)} values")
+            scheduler, rounds = self.search.scheduler, _combo(name, settings)[0].get("rounds")
+            if scheduler is not None and scheduler.grace_rounds % self.eval_every:
+                raise _bad("search.scheduler.grace_rounds",
+                           f"must be a multiple of eval_every ({self.eval_every}): trials are compared on "
+                           "their evaluations")
+            if scheduler is not None and scheduler.grace_rounds >= rounds:
+                raise _bad("search.scheduler.grace_rounds", f"must be less than {name}.rounds ({rounds})")
         return self
 
-
-def _points(sau: dict) -> list[dict]:
-    """The cartesian product of the list-valued (axis) entries, in key order."""
-    axes = [v if isinstance(v, list) else [v] for v in sau.values()]
-    return [dict(zip(sau, point)) for point in itertools.product(*axes)]
+    def defense_axes(self) -> list[tuple[str, dict]]:
+        """Each defense with its axes: the `sau:` section's keys that are its settings (SAU: all of them;
+        ft: its budget lr, rounds, batch_size, train_bn, and clean_ratio; none: nothing), then its own entry's."""
+        axes = []
+        for entry in self.defenses:
+            settings = _param_types(entry.name)
+            axes.append((entry.name, {**{k: v for k, v in self.sau.items() if k in settings}, **entry.params}))
+        return axes
 
 
 def _describe(error: ValidationError) -> str:
@@ -317,49 +429,70 @@ class TrialSpec:
     arch: str
     training: dict  # every TrainRecipe field
     seed: int
-    clean_ratio: float
-    sau: dict  # every SAUConfig field but seed
+    clean_ratio: float | None  # None for a defense that uses no clean data
+    defense: str
+    params: dict  # every parameter of the defense but seed
     eval_every: int
 
     @property
     def trial_id(self) -> str:
-        """Hash of what determines the result: not the grid name, nor where the data lives (root)."""
-        return _digest({"dataset": self.dataset.name, "attack": self.attack.model_dump(), "arch": self.arch,
-                        "training": self.training, "seed": self.seed, "clean_ratio": self.clean_ratio,
-                        "sau": asdict(self.sau_config()), "eval_every": self.eval_every})
+        """Hash of what determines the result: not the grid name, nor where the data lives (root).
+
+        The rule (docs/design.md, "Trial identity"): the model's spec and seed; for a per-model defense its
+        name; else clean_ratio, eval_every and the defense's parameters, those outside its `id_fields` only when
+        they differ from their default; SAU's under the key "sau", any other as {"name", "params"} under
+        "defense"; the code version when it is not FIRST_CODE_VERSION."""
+        content = {"dataset": self.dataset.name, "attack": self.attack.model_dump(), "arch": self.arch,
+                   "training": self.training, "seed": self.seed}
+        defense = DEFENSES[self.defense]
+        if defense.per_model:
+            content["defense"] = self.defense
+        else:
+            config, defaults = asdict(self.config()), asdict(defense.params_type())
+            params = {k: v for k, v in config.items() if k in defense.id_fields or v != defaults[k]}
+            content.update(clean_ratio=self.clean_ratio, eval_every=self.eval_every)
+            content.update({"sau": params} if self.defense == "sau" else
+                           {"defense": {"name": self.defense, "params": params}})
+        if CODE_VERSION != FIRST_CODE_VERSION:
+            content["code_version"] = CODE_VERSION
+        return _digest(content)
 
     @property
     def model_key(self) -> str:
-        """Hash of what determines the backdoored model, shared by every SAU trial on it."""
+        """Hash of what determines the backdoored model, shared by every defense trial on it."""
         return _digest({"dataset": self.dataset.name, "attack": self.attack.model_dump(), "arch": self.arch,
                         "training": self.training, "seed": self.seed, "code_version": CODE_VERSION})
 
-    def sau_config(self) -> SAUConfig:
-        return SAUConfig(**self.sau, seed=self.seed)
+    def config(self):
+        """The defense's parameters, with this trial's seed."""
+        params_type = DEFENSES[self.defense].params_type
+        return params_type(**self.params, **({"seed": self.seed} if "seed" in get_type_hints(params_type) else {}))
 
-    def with_sau(self, **changes) -> TrialSpec:
-        """This trial with some SAU fields (or clean_ratio) changed, e.g. to values a searcher sampled."""
+    def with_params(self, **changes) -> TrialSpec:
+        """This trial with some parameters (or clean_ratio) changed, e.g. to values a searcher sampled."""
         try:
-            sau = _sau_combo({**self.sau, "clean_ratio": self.clean_ratio, **changes})
+            params, clean_ratio = _combo(self.defense, {**self.params, "clean_ratio": self.clean_ratio, **changes})
         except PydanticCustomError as e:
-            raise SpecError(f"sau.{e.context['at']}: {e.context['reason']}") from None
-        return replace(self, clean_ratio=sau.pop("clean_ratio"), sau=sau)
+            raise SpecError(f"{self.defense}.{e.context['at']}: {e.context['reason']}") from None
+        return replace(self, clean_ratio=clean_ratio, params=params)
 
     def flat(self) -> dict[str, str | int | float | bool]:
-        """Scalar columns for a result row or MLflow params."""
+        """Scalar columns for a result row or MLflow params; a defense's parameters are `<defense>.<field>`."""
         return {"dataset": self.dataset.name, "attack": self.attack.name,
                 **{f"attack.{k}": v for k, v in self.attack.params.items()}, "arch": self.arch,
-                **{f"train.{k}": v for k, v in self.training.items()}, "seed": self.seed,
-                "clean_ratio": self.clean_ratio, **{f"sau.{k}": v for k, v in self.sau.items()},
-                "eval_every": self.eval_every}
+                **{f"train.{k}": v for k, v in self.training.items()}, "seed": self.seed, "defense": self.defense,
+                **({} if self.clean_ratio is None else {"clean_ratio": self.clean_ratio}),
+                **{f"{self.defense}.{k}": v for k, v in self.params.items()}, "eval_every": self.eval_every}
 
 
 def expand(grid: GridSpec) -> list[TrialSpec]:
-    """One TrialSpec per point of attacks × archs × seeds × SAU axes (in YAML key order)."""
+    """One TrialSpec per point of attacks × archs × seeds × defenses × each defense's axes (in YAML order)."""
     trials = []
     for attack, arch, seed in itertools.product(grid.attacks, grid.archs, grid.seeds):
-        for point in _points(grid.sau):
-            sau = _sau_combo(point)
-            trials.append(TrialSpec(grid.name, grid.dataset, attack, arch, grid.attack_training, seed,
-                                    sau.pop("clean_ratio"), sau, grid.eval_every))
+        for defense, axes in grid.defense_axes():
+            for point in _points(axes):
+                params, clean_ratio = _combo(defense, point)
+                trials.append(TrialSpec(grid=grid.name, dataset=grid.dataset, attack=attack, arch=arch,
+                                        training=grid.attack_training, seed=seed, clean_ratio=clean_ratio,
+                                        defense=defense, params=params, eval_every=grid.eval_every))
     return trials

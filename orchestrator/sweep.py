@@ -24,17 +24,19 @@ from optuna.storages import JournalStorage  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from backdoor import AttackError, ModelError, check_fits, load_dataset, make_attack  # noqa: E402
 
+from .plots import sweep_figures  # noqa: E402
 from .results import finished_ids, format_table, pareto_front, read_results  # noqa: E402
 from .spec import GridSpec, SearchSpec, TrialSpec, expand  # noqa: E402
 from .storage import Storage  # noqa: E402
 from .store import ensure_models  # noqa: E402
 from .tracking import SweepTracking, close_sweep, default_uri, open_sweep  # noqa: E402
-from .trial import run_trial  # noqa: E402
+from .trial import run_trial, write_stopped_row  # noqa: E402
 
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
             "nsga2": optuna.samplers.NSGAIISampler, "gp": optuna.samplers.GPSampler}
@@ -55,16 +57,20 @@ def grid_trial(config: dict, specs: dict[str, TrialSpec], storage: Storage, trac
 
 
 def search_trial(config: dict, base: TrialSpec, storage: Storage, tracking: SweepTracking | None) -> None:
-    """A Tune trial of a search: `base` with the SAU values the searcher sampled (retried like grid_trial).
+    """A Tune trial of a search: `base` with the values the searcher sampled (retried like grid_trial).
     A sample that repeats a finished one is answered from its row."""
-    _trial(base.with_sau(**config), storage, tracking)
+    _trial(base.with_params(**config), storage, tracking)
 
 
 class Finished(tune.Callback):
-    """One line per finished trial: Tune's own output is a box per trial start and end, too long for big sweeps."""
+    """One line per finished trial: Tune's own output is a box per trial start and end, too long for big sweeps.
 
-    def __init__(self, out: Callable[[str], None], total: int):
+    A trial completes without a row when the scheduler stopped it: its `stopped` row is written here, from its
+    checkpoint. (Ctrl-C ends trials without completing them.)"""
+
+    def __init__(self, out: Callable[[str], None], total: int, storage: Storage, tracking: SweepTracking | None):
         self.out, self.total, self.done = out, total, 0
+        self.storage, self.tracking = storage, tracking
 
     def __getstate__(self) -> dict:
         # Tune pickles callbacks for Tuner.restore, which sweeps do not use; `out` need not pickle.
@@ -73,7 +79,9 @@ class Finished(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         r = trial.last_result
-        self.out(f"[{self.done}/{self.total}] trial {r['trial']}: ACC {r['acc_after']:.1%}  "
+        stopped = write_stopped_row(self.storage, r["trial"], self.tracking)
+        how = f"stopped at round {r['round']}" if stopped else "finished"
+        self.out(f"[{self.done}/{self.total}] trial {r['trial']} {how}: ACC {r['acc_after']:.1%}  "
                  f"ASR {r['asr_after']:.1%}  RA {r['ra_after']:.1%}  DER {r['der']:.3f}")
 
 
@@ -109,6 +117,19 @@ def _searcher(grid: GridSpec, storage: Storage) -> ConcurrencyLimiter:
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
 
 
+def _scheduler(grid: GridSpec, base: TrialSpec) -> ASHAScheduler | None:
+    """ASHA on the first objective: with two, the first decides which trials go on (docs/design.md)."""
+    spec = grid.search.scheduler
+    if spec is None:
+        return None
+    first = grid.search.objectives[0]
+    # Trials that reach the last round finish by themselves (stop_last_trials=False), so every row written
+    # after a stop decision is marked stopped, and every trial that ran all its rounds is finished.
+    return ASHAScheduler(time_attr="round", metric=first.metric, mode=first.mode, max_t=base.config().rounds,
+                         grace_period=spec.grace_rounds, reduction_factor=spec.reduction_factor,
+                         stop_last_trials=False)
+
+
 def _run_trials(grid: GridSpec, storage: Storage, tracking: SweepTracking | None, out) -> tuple[list[str], int]:
     """Train the missing models (stage 1), then run the trials still to do on Ray Tune (stage 2);
     returns one line per failed trial, and how many trials Tune stopped unfinished (Ctrl-C)."""
@@ -117,12 +138,13 @@ def _run_trials(grid: GridSpec, storage: Storage, tracking: SweepTracking | None
         todo = {s.trial_id: s for s in expand(grid) if s.trial_id not in finished}
         total, specs = len(todo), list(todo.values())
         trainable = tune.with_parameters(grid_trial, specs=todo, storage=storage, tracking=tracking)
-        param_space, searcher = {"trial_id": tune.grid_search(list(todo))}, None
+        param_space, searcher, scheduler = {"trial_id": tune.grid_search(list(todo))}, None, None
     else:
         (base,) = specs = expand(grid)  # a search has no grid axes
         total = grid.search.num_samples - len(finished)
         trainable = tune.with_parameters(search_trial, base=base, storage=storage, tracking=tracking)
         param_space, searcher = {}, _searcher(grid, storage)
+        scheduler = _scheduler(grid, base)
     out(f"{grid.name}: {max(total, 0)} trials to run, {len(finished)} already finished")
     if total <= 0:
         return [], 0
@@ -131,10 +153,10 @@ def _run_trials(grid: GridSpec, storage: Storage, tracking: SweepTracking | None
         tune.with_resources(trainable, {"cpu": grid.resources.cpu, "gpu": grid.resources.gpu}),
         param_space=param_space,
         tune_config=tune.TuneConfig(num_samples=1 if searcher is None else total, search_alg=searcher,
-                                    reuse_actors=True),
+                                    scheduler=scheduler, reuse_actors=True),
         run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), **storage.tune_storage(),
                                   failure_config=tune.FailureConfig(max_failures=2), verbose=0,
-                                  callbacks=[Finished(out, total), JsonLoggerCallback()]))
+                                  callbacks=[Finished(out, total, storage, tracking), JsonLoggerCallback()]))
     try:
         results = tuner.fit()
     finally:
@@ -217,6 +239,10 @@ def run_sweep(grid: GridSpec, *, storage: Storage | str | Path, resume: bool, ad
             artifacts.append(Path(tmp) / "pareto.csv")
             artifacts[-1].write_text(front.to_csv(index=False))
             storage.write("pareto.csv", artifacts[-1].read_bytes())
+        if len(df):
+            objectives = [(o.metric, o.mode) for o in grid.search.objectives] if grid.search else []
+            if sweep_figures(df, objectives, tracking and tracking.uri, Storage(Path(tmp) / "figures")):
+                artifacts.append(Path(tmp) / "figures")
         close_sweep(tracking, artifacts, "FAILED" if failed else "KILLED" if unfinished else "FINISHED")
     for line in failed:
         out(line)

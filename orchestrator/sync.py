@@ -21,8 +21,8 @@ class SyncError(ValueError):
 
 
 def replay(tracking: SweepTracking, row: dict, history: str | None) -> None:
-    """One FINISHED child run for `row`, holding what the trial would have logged."""
-    tracker = TrialTracker(tracking, row["trial_id"], row_params(row))
+    """One child run for `row`, holding what the trial would have logged, ended as the trial ends it."""
+    tracker = TrialTracker(tracking, row["trial_id"], row_params(row), run_name=f"{row['defense']}-{row['trial_id']}")
     for line in csv.DictReader(io.StringIO(history or "")):
         step = int(line["round"])
         tracker.log(step, {key: float(line[key]) for key in LOSSES})
@@ -32,7 +32,7 @@ def replay(tracking: SweepTracking, row: dict, history: str | None) -> None:
     artifacts = {"row.json": json.dumps(row, default=str, indent=1)}
     if history is not None:
         artifacts["history.csv"] = history
-    tracker.finish(artifacts)
+    tracker.finish(artifacts, stopped=row["status"] == "stopped")
 
 
 def sync(storage: Storage, uri: str, out: Callable[[str], None] = print) -> int:

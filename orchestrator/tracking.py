@@ -30,6 +30,8 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 
 TRIAL_ID_TAG = "sau.trial_id"
+# On the KILLED run of a trial a scheduler stopped: it holds the trial's row, unlike a run killed by Ctrl-C.
+STOPPED_TAG = "sau.stopped"
 ERRORS = (MlflowException, OSError)  # OSError covers requests' connection errors
 
 
@@ -107,25 +109,31 @@ def find_sweep(uri: str, grid_name: str, sweep_name: str, artifacts: Path,
 
 
 def tracked_trials(tracking: SweepTracking) -> set[str]:
-    """Ids of the trials that have a FINISHED child run of the sweep's parent run."""
-    client, ids, token = MlflowClient(tracking.uri), set(), None
-    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{tracking.parent_run_id}' and attributes.status = 'FINISHED'"
-    while True:
-        page = client.search_runs([tracking.experiment_id], query, max_results=1000, page_token=token)
-        ids |= {run.data.tags[TRIAL_ID_TAG] for run in page if TRIAL_ID_TAG in run.data.tags}
-        token = page.token
-        if not token:
-            return ids
+    """Ids of the trials whose child run of the sweep's parent run holds their row: FINISHED, or stopped."""
+    client, ids = MlflowClient(tracking.uri), set()
+    parent = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{tracking.parent_run_id}'"
+    for query in (f"{parent} and attributes.status = 'FINISHED'", f"{parent} and tags.`{STOPPED_TAG}` = 'true'"):
+        token = None
+        while True:
+            page = client.search_runs([tracking.experiment_id], query, max_results=1000, page_token=token)
+            ids |= {run.data.tags[TRIAL_ID_TAG] for run in page if TRIAL_ID_TAG in run.data.tags}
+            token = page.token
+            if not token:
+                break
+    return ids
 
 
 def close_sweep(tracking: SweepTracking | None, artifacts: list[Path], status: str) -> None:
-    """Attach `artifacts` to the parent run and end it with `status` (FINISHED, FAILED)."""
+    """Attach `artifacts` (files, or directories kept as one folder) to the parent run and end it with `status`."""
     if tracking is None:
         return
     client = MlflowClient(tracking.uri)
     try:
         for path in artifacts:
-            client.log_artifact(tracking.parent_run_id, str(path))
+            if path.is_dir():
+                client.log_artifacts(tracking.parent_run_id, str(path), path.name)
+            else:
+                client.log_artifact(tracking.parent_run_id, str(path))
         client.set_terminated(tracking.parent_run_id, status)
     except ERRORS as error:
         warn("closing the sweep's parent run", error)
@@ -137,7 +145,8 @@ class TrialTracker:
     With `run_id` (a trial resumed from its checkpoint) the run is reopened, and rounds it already holds are
     not logged again, so every round is logged exactly once however often the trial was interrupted."""
 
-    def __init__(self, tracking: SweepTracking | None, trial_id: str, params: dict, run_id: str | None = None):
+    def __init__(self, tracking: SweepTracking | None, trial_id: str, params: dict, run_id: str | None = None,
+                 run_name: str | None = None):
         self.run_id = ""
         self._client = None if tracking is None else MlflowClient(tracking.uri)
         self._buffer: list[Metric] = []
@@ -157,7 +166,8 @@ class TrialTracker:
                 for run in stale:
                     self._client.delete_run(run.info.run_id)
                 tags = {MLFLOW_PARENT_RUN_ID: tracking.parent_run_id, TRIAL_ID_TAG: trial_id}
-                run_id = self._client.create_run(tracking.experiment_id, run_name=trial_id, tags=tags).info.run_id
+                run_id = self._client.create_run(tracking.experiment_id, run_name=run_name or trial_id,
+                                                 tags=tags).info.run_id
                 self._client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
             self.run_id = run_id
 
@@ -182,11 +192,14 @@ class TrialTracker:
                 self._client.log_batch(self.run_id, metrics=self._buffer)
         self._buffer = []
 
-    def finish(self, artifacts: dict[str, str]) -> None:
-        """Send what is buffered, attach `artifacts` (file name -> text) and end the run FINISHED."""
+    def finish(self, artifacts: dict[str, str], stopped: bool = False) -> None:
+        """Send what is buffered, attach `artifacts` (file name -> text) and end the run: FINISHED, or KILLED
+        and tagged STOPPED_TAG for a trial a scheduler `stopped`."""
         self.flush()
         if self._client is not None:
             with self._guard("ending the trial's run"):
                 for name, text in artifacts.items():
                     self._client.log_text(self.run_id, text, name)
-                self._client.set_terminated(self.run_id, "FINISHED")
+                if stopped:
+                    self._client.set_tag(self.run_id, STOPPED_TAG, "true")
+                self._client.set_terminated(self.run_id, "KILLED" if stopped else "FINISHED")

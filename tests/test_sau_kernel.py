@@ -1,4 +1,4 @@
-"""sau_kernel against a plain, per-sample reference of DESIGN.md section 4.
+"""sau_kernel against a plain, per-sample reference of docs/design.md section 4.
 
 The reference functions below are written term by term from the specification, with Python loops
 over samples, so that a vectorised or fused implementation is checked against the literal text.
@@ -21,7 +21,7 @@ RTOL = 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference (DESIGN.md section 4)
+# Reference (docs/design.md section 4)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -44,7 +44,7 @@ def ref_init(x: torch.Tensor, cfg: SAUConfig) -> torch.Tensor:
 
 
 def ref_shared_pgd(f, g, x, y, cfg, trace=None):
-    """Shared PGD, step 1 of DESIGN section 4. `trace` (a list) receives per-step mask counts."""
+    """Shared PGD, step 1 of docs/design.md section 4. `trace` (a list) receives per-step mask counts."""
     B = x.shape[0]
     eps = cfg.eps
     delta = ref_init(x, cfg).clamp(-eps, eps)
@@ -99,7 +99,7 @@ def ref_sar_mask(g, x, y, delta):
 
 
 def ref_sau_loss(f, g, x, y, delta, cfg):
-    """Unlearning loss, step 2 of DESIGN section 4. Returns (loss, parts, q of the P samples)."""
+    """Unlearning loss, step 2 of docs/design.md section 4. Returns (loss, parts, q of the P samples)."""
     B = x.shape[0]
     x_adv = x + delta.detach()
     logits = f(torch.cat([x, x_adv]))  # one forward over [x; x̃] (matters for BN in train mode)

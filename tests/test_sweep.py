@@ -19,13 +19,15 @@ import pytest
 import ray
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 
 from ray_nodes import session_pids
 from servers import wait_until_healthy
 
-from orchestrator.results import finished_ids
+from orchestrator.results import finished_ids, read_results
 from orchestrator.spec import expand, load_grid
 from orchestrator.sweep import SweepError, run_sweep
+from orchestrator.tables import select
 from orchestrator.tracking import TRIAL_ID_TAG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +74,15 @@ def test_grid_sweep_writes_one_row_and_one_finished_run_per_trial(grid_sweep):
 
     client, info, runs = child_runs(f"sqlite:///{storage}/mlflow.db", storage)
     assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
-    assert [a.path for a in client.list_artifacts(info["parent_run_id"])] == ["results.csv"]
+    assert [a.path for a in client.list_artifacts(info["parent_run_id"])] == ["figures", "results.csv"]
+    figures = [a.path for a in client.list_artifacts(info["parent_run_id"], "figures")]
+    assert "figures/eps-acc_after-asr_after.png" in figures and "figures/eps-acc_after-asr_after.svg" in figures
+    assert sum(f.startswith("figures/rounds-") for f in figures) == 2  # the best trial's curves, PNG and SVG
+    local = Path(client.download_artifacts(info["parent_run_id"], "figures", str(storage)))
+    for png in local.glob("*.png"):  # two panels each: 2 x 640 by 400 pixels
+        with Image.open(png) as image:
+            image.load()
+            assert image.size == (1280, 400), png.name
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in runs) == sorted(specs)
     for run in runs:
         row = df[df["trial_id"] == run.data.tags[TRIAL_ID_TAG]].iloc[0]
@@ -80,6 +90,7 @@ def test_grid_sweep_writes_one_row_and_one_finished_run_per_trial(grid_sweep):
         for key in ("acc_before", "asr_after", "acc_after", "ra_after", "der", "seconds_sau"):
             assert run.data.metrics[key] == row[key]
         assert run.data.params == {k: str(v) for k, v in specs[row["trial_id"]].flat().items()}
+        assert run.info.run_name == f"sau-{row['trial_id']}" and run.data.params["defense"] == "sau"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
         assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == [2, 3]
         assert row["rounds_done"] == 3 and row["device"] == "cpu" and row["grid"] == "two-by-two"
@@ -114,7 +125,7 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
     path = write_grid(name="killed", sau={"eps": [0.1, 0.2], "rounds": [30, 2]})
     storage = tmp_path / "sweep"
     specs = {s.trial_id: s for s in expand(load_grid(path))}
-    long_trials = [storage / "checkpoints" / i for i, s in specs.items() if s.sau["rounds"] == 30]
+    long_trials = [storage / "checkpoints" / i for i, s in specs.items() if s.params["rounds"] == 30]
     script = tmp_path / "sweep.py"
     script.write_text(textwrap.dedent(f"""
         from pathlib import Path
@@ -146,7 +157,7 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
 
     checkpoints = {d.name: torch.load(max(d.glob("state-*.pt")), weights_only=True)
                    for d in (storage / "checkpoints").iterdir() if any(d.glob("state-*.pt"))}
-    assert any(state["purify"]["round"] < specs[i].sau["rounds"] for i, state in checkpoints.items())
+    assert any(state["purify"]["round"] < specs[i].params["rounds"] for i, state in checkpoints.items())
     done_before = finished_ids(storage / "results")
     df, lines = sweep(path, storage, resume=True)
     assert f"killed: {4 - len(done_before)} trials to run, {len(done_before)} already finished" in lines
@@ -157,7 +168,7 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
     assert sorted(finished_runs) == sorted(specs)
     for trial_id, state in checkpoints.items():  # continued from the checkpoint, in the same MLflow run
         row = df[df["trial_id"] == trial_id].iloc[0]
-        rounds = specs[trial_id].sau["rounds"]
+        rounds = specs[trial_id].params["rounds"]
         assert 0 < state["purify"]["round"] <= rounds == row["rounds_done"]
         assert row["mlflow_run_id"] == state["mlflow_run_id"]
         assert [m.step for m in client.get_metric_history(row["mlflow_run_id"], "loss")] == list(range(1, rounds + 1))
@@ -198,6 +209,33 @@ def test_single_objective_search_runs_and_resumes(write_grid, tmp_path):
     assert len(df) == 2 and "search1: 0 trials to run, 2 already finished" in lines
 
 
+def test_asha_stops_hopeless_trials_and_marks_their_rows_stopped(write_grid, tmp_path):
+    """Learning rates down to 1e-8 leave the backdoor in place: ASHA stops such trials at round 2 or 4."""
+    search = {"num_samples": 6, "max_concurrent": 1, "sampler": "random", "seed": 0,
+              "space": {"lr": {"low": 1.0e-8, "high": 0.05, "log": True}},
+              "objectives": [{"metric": "asr_after", "mode": "min"}],
+              "scheduler": {"name": "asha", "grace_rounds": 2, "reduction_factor": 2}}
+    path = write_grid(name="asha", sau={"rounds": 6}, eval_every=2, search=search)
+    storage = tmp_path / "sweep"
+    df, lines = sweep(path, storage)
+    rows = read_results(storage)
+    stopped, finished = rows[rows["status"] == "stopped"], rows[rows["status"] == "finished"]
+    assert len(rows) == 6 and len(stopped) >= 1 and len(finished) >= 1, rows[["sau.lr", "status", "asr_after"]]
+    assert set(stopped["rounds_done"]) <= {2, 4} and set(finished["rounds_done"]) == {6}
+    assert sum("stopped at round" in line for line in lines) == len(stopped)
+    # A stopped trial's row holds what it reached at the round it was stopped at.
+    client, info, runs = child_runs(f"sqlite:///{storage}/mlflow.db", storage)
+    status = {r.data.tags[TRIAL_ID_TAG]: r.info.status for r in runs}
+    for _, row in stopped.iterrows():
+        assert status[row["trial_id"]] == "KILLED"
+        history = client.get_metric_history(row["mlflow_run_id"], "asr")
+        assert max(m.step for m in history) >= row["rounds_done"]
+        assert row["asr_after"] == pytest.approx([m.value for m in history if m.step == row["rounds_done"]][0])
+    assert {status[t] for t in finished["trial_id"]} == {"FINISHED"}
+    assert not list((storage / "checkpoints").glob("*/state-*.pt"))
+    assert len(select(rows, {})) == len(finished)  # `sau report` shows finished trials by default
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -231,7 +269,7 @@ def test_mlflow_server_receives_the_child_runs(write_grid, tmp_path):
         client, info, runs = child_runs(uri, storage)
         assert [r.info.run_id for r in runs] == df["mlflow_run_id"].tolist()
         assert runs[0].info.status == "FINISHED" and runs[0].data.metrics["acc_after"] == df["acc_after"][0]
-        assert [a.path for a in client.list_artifacts(info["parent_run_id"])] == ["results.csv"]
+        assert [a.path for a in client.list_artifacts(info["parent_run_id"])] == ["figures", "results.csv"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -14,15 +14,17 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
+from conftest import sau
 from servers import wait_until_healthy
 
+from orchestrator.results import read_results
 from orchestrator.spec import expand, load_grid
+from orchestrator.storage import Storage
 from orchestrator.sweep import run_sweep
 from orchestrator.tracking import TRIAL_ID_TAG
+from orchestrator.trial import run_trial, write_stopped_row
 
-REPO = Path(__file__).resolve().parents[1]
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-SAU = [str(Path(sys.executable).with_name("sau"))]
 
 
 def free_port() -> int:
@@ -82,13 +84,8 @@ def mlflow_server(postgres, tmp_path_factory):
         server.wait(timeout=30)
 
 
-def sau(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*SAU, *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
 def test_sync_creates_the_runs_a_dead_server_missed_once(write_grid, tmp_path, mlflow_server, capfd):
-    path = write_grid(name="synced", sau={"eps": [0.1, 0.2]})
+    path = write_grid(name="synced", sau={"eps": [0.1, 0.2]}, defenses=["none", "ft", "sau"])
     specs = {s.trial_id: s for s in expand(load_grid(path))}
     storage = tmp_path / "sweep"
     # A closed port, and the project's own retry bound (no MLFLOW_HTTP_* set by the test).
@@ -96,31 +93,48 @@ def test_sync_creates_the_runs_a_dead_server_missed_once(write_grid, tmp_path, m
                    tracking_uri=f"http://127.0.0.1:{free_port()}", out=lambda line: None)
     assert sorted(df["trial_id"]) == sorted(specs) and set(df["mlflow_run_id"]) == {""}
     assert sum("warning: MLflow" in line for line in capfd.readouterr().err.splitlines()) >= 1
+    # A trial a scheduler stopped at round 2 (its row is written from its checkpoint, status stopped).
+    stopped = next(s for s in specs.values() if s.defense == "sau").with_params(eps=0.3)
+
+    def stop_at_two(metrics):
+        if metrics["round"] == 2:
+            raise SystemExit(0)  # how Ray Tune ends a function trial it stopped
+
+    with pytest.raises(SystemExit):
+        run_trial(stopped, Storage(storage), tracking=None, report=stop_at_two)
+    assert write_stopped_row(Storage(storage), stopped.trial_id, tracking=None)["status"] == "stopped"
+    specs[stopped.trial_id] = stopped
+    rows = read_results(storage)
 
     first = sau("sync", str(storage), "--tracking-uri", mlflow_server)
     assert first.returncode == 0, first.stderr
-    assert "2 runs created, 0 rows already had one" in first.stdout
+    assert "5 runs created, 0 rows already had one" in first.stdout
 
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("synced")
     runs = client.search_runs([experiment.experiment_id], f"tags.`{TRIAL_ID_TAG}` != ''")
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in runs) == sorted(specs)
     for run in runs:
-        row = df[df["trial_id"] == run.data.tags[TRIAL_ID_TAG]].iloc[0]
-        assert run.info.status == "FINISHED"
-        assert run.data.params == {k: str(v) for k, v in specs[row["trial_id"]].flat().items()}
+        row = rows[rows["trial_id"] == run.data.tags[TRIAL_ID_TAG]].iloc[0]
+        spec = specs[row["trial_id"]]
+        assert run.info.status == ("KILLED" if row["status"] == "stopped" else "FINISHED")
+        assert run.info.run_name == f"{spec.defense}-{spec.trial_id}"
+        assert run.data.params == {k: str(v) for k, v in spec.flat().items()}
         for key in ("acc_before", "asr_after", "acc_after", "ra_after", "der", "seconds_sau", "seconds_total"):
             assert run.data.metrics[key] == row[key]
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "asr")] == [2, 3]  # eval_every 2
-        assert client.get_metric_history(run.info.run_id, "asr")[-1].value == row["asr_after"]
+        rounds = list(range(1, row["rounds_done"] + 1))  # none: no rounds; the stopped trial: 2
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == rounds
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "asr")] == [
+            r for r in rounds if r % 2 == 0 or r == 3]  # eval_every 2, and the last round
+        if rounds:
+            assert client.get_metric_history(run.info.run_id, "asr")[-1].value == row["asr_after"]
         assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["history.csv", "row.json"]
         history = Path(client.download_artifacts(run.info.run_id, "history.csv", str(tmp_path))).read_text()
         assert history == (storage / "history" / f"{row['trial_id']}.csv").read_text()
 
     second = sau("sync", str(storage), "--tracking-uri", mlflow_server)
     assert second.returncode == 0, second.stderr
-    assert "0 runs created, 2 rows already had one" in second.stdout
+    assert "0 runs created, 5 rows already had one" in second.stdout
     again = client.search_runs([experiment.experiment_id], "")
     assert len(again) == len(runs) + 1  # the trials' runs and their sweep's parent run, nothing more
 
