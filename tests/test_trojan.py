@@ -51,7 +51,8 @@ def test_trigger_is_seeded_masked_and_excites_the_chosen_neurons(digits, respons
     with torch.no_grad():
         optimised = features(pattern[None].float() / 255)[0, chosen]
         random = features(start[None])[0, chosen]
-    assert (optimised > random).all()
+    # Never lower; higher wherever the neuron fires at all (no pattern moves a ReLU that does not).
+    assert (optimised >= random).all() and ((optimised > random) | (optimised == 0)).all()
 
 
 def test_apply_adds_the_masked_pattern_and_clips_instead_of_wrapping():
