@@ -10,7 +10,7 @@ from .record import ModelRecord, RecordError, load_record, save_record
 from .train import RecipeError, TrainRecipe, train_backdoored, train_clean, train_record
 
 # Part of every backdoored model's content hash: bump it when a change here alters trained models.
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 
 __all__ = [
     "ARCHS", "ATTACKS", "Attack", "AttackError", "BadNets", "BadNetsParams", "Blended", "BlendedParams",

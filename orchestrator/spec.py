@@ -164,6 +164,19 @@ class DatasetSpec(BaseModel):
         return self
 
 
+def _named_entry(data: dict, registry, kind: str) -> tuple[dict, str, dict]:
+    """A registry entry written {name, params: {...}} or {name, key: value, ...}: its other keys (the name among
+    them, and any stray key for the model to refuse), its name and its parameters."""
+    data = dict(data)
+    params = data.pop("params") if "params" in data else {k: data.pop(k) for k in list(data) if k != "name"}
+    name = data.get("name")
+    if not isinstance(name, str) or name not in registry:  # a list or mapping as a name is not hashable
+        raise _bad("name", "required" if name is None else f"unknown {kind} {name!r} (known: {', '.join(registry)})")
+    if not isinstance(params, dict):
+        raise _bad("params", f"expected a mapping (got {params!r})")
+    return data, name, params
+
+
 class AttackSpec(BaseModel):
     """An attack's name and all of its parameters (defaults filled in). YAML: {name: blended, alpha: 0.2}."""
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -176,14 +189,7 @@ class AttackSpec(BaseModel):
         # Ranges that depend on the data (patch size, target class) are checked when the attack is built.
         if not isinstance(data, dict):
             return data
-        data = dict(data)
-        params = data.pop("params") if "params" in data else {k: data.pop(k) for k in list(data) if k != "name"}
-        name = data.get("name")
-        if not isinstance(name, str) or name not in ATTACKS:
-            raise _bad("name", "required" if name is None else
-                       f"unknown attack {name!r} (known: {', '.join(ATTACKS)})")
-        if not isinstance(params, dict):
-            raise _bad("params", f"expected a mapping (got {params!r})")
+        data, name, params = _named_entry(data, ATTACKS, "attack")
         return {**data, "params": _fill(ATTACKS[name].params_type, params, f"parameter of {name}")}
 
 
@@ -201,14 +207,7 @@ class DefenseSpec(BaseModel):
             data = {"name": data}
         if not isinstance(data, dict):
             return data
-        data = dict(data)
-        params = data.pop("params") if "params" in data else {k: data.pop(k) for k in list(data) if k != "name"}
-        name = data.get("name")
-        if not isinstance(name, str) or name not in DEFENSES:
-            raise _bad("name", "required" if name is None else
-                       f"unknown defense {name!r} (known: {', '.join(DEFENSES)})")
-        if not isinstance(params, dict):
-            raise _bad("params", f"expected a mapping (got {params!r})")
+        data, name, params = _named_entry(data, DEFENSES, "defense")
         return {**data, "params": _axes(name, params)}
 
 

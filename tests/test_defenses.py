@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from backdoor import build_model, clean_subset, to_unit
+from backdoor import CODE_VERSION, build_model, clean_subset, to_unit
 from defenses import DEFENSES, SAU, Defense, FTConfig
 from defenses.ft import fine_tune
 from orchestrator import spec as spec_module
@@ -94,7 +94,7 @@ def test_mode_at_its_default_keeps_every_trial_id(tmp_path, monkeypatch):
 def test_a_new_code_version_changes_trial_ids_and_model_keys(tmp_path, monkeypatch):
     (trial,) = expand(grid(tmp_path))
     first = trial.trial_id, trial.model_key
-    monkeypatch.setattr(spec_module, "CODE_VERSION", "2")
+    monkeypatch.setattr(spec_module, "CODE_VERSION", f"{spec_module.CODE_VERSION}-next")
     assert trial.trial_id != first[0] and trial.model_key != first[1]
 
 
@@ -127,7 +127,7 @@ def test_a_defense_plugged_in_by_the_registry_alone_runs_as_a_trial(tmp_path, mo
     assert [r["defense"] for r in rows] == ["none", "shrink", "shrink"]
     assert [r["rounds_done"] for r in rows] == [0, 1, 1] and {r["status"] for r in rows} == {"finished"}
     assert rows[0]["acc_after"] == rows[0]["acc_before"] and rows[0]["der"] == 0.5  # the model as it is
-    assert rows[1]["shrink.factor"] == 0.5 and rows[1]["code_version"] == "1"
+    assert rows[1]["shrink.factor"] == 0.5 and rows[1]["code_version"] == CODE_VERSION
     assert pq.read_table(tmp_path / "storage" / "results" / f"{half.trial_id}.parquet").to_pylist()[0]["shrink.factor"] == 0.5
 
 

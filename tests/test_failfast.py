@@ -91,7 +91,7 @@ def test_dataclasses_own_their_bounds():
 def test_purify_refuses_a_non_finite_param(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["purify", str(tmp_path), "--param", "eps=inf", "--out", str(out)]) == 2
-    assert capsys.readouterr().err == "error: eps: must be a finite number (got inf)\n"
+    assert capsys.readouterr().err == "error: --param eps: must be a finite number (got inf)\n"
     assert not out.exists()
 
 

@@ -71,7 +71,21 @@ def test_preactresnet18_matches_backdoorbench():
 
 def test_cnn_small_has_batchnorm():
     model = build_model("cnn-small", 10, 1, (0.5,), (0.5,))
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 3
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == len(convs) > 0
+
+
+@pytest.mark.parametrize("size", [8, 28, 32, 64])
+def test_cnn_small_pools_down_to_a_few_pixels(size):
+    """Whatever the image size, the last convolution sees a map of at most 8×8, so it is not spent at full
+    resolution, and its input is at least 2×2 wide, so pooling never empties a map."""
+    model = build_model("cnn-small", 10, 3, (0.5,) * 3, (0.5,) * 3).eval()
+    last = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]
+    seen = []
+    last.register_forward_hook(lambda module, inputs, output: seen.append(output.shape[-2:]))
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, size, size)).shape == (2, 10)
+    assert 2 <= seen[0][0] <= 8 and 2 <= seen[0][1] <= 8
 
 
 def test_normalize_is_per_channel():
