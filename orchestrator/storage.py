@@ -23,6 +23,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -132,20 +133,44 @@ class Storage:
     def write(self, name: str, data: bytes) -> None:
         """Write `data` as `name` whole: readers see the old file or the new one, never a part."""
         if self.is_local:
-            path = Path(self._key(name))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # A leading dot and the .tmp suffix hide the temp file from names() and from pyarrow's data sets.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.chmod(tmp, 0o644)  # mkstemp makes it private; the storage is shared by every worker
-                os.replace(tmp, path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            self._place_local(name, data, os.replace)
         else:
             with self.fs.open_output_stream(self._key(name)) as f:
                 f.write(data)
+
+    def create(self, name: str, data: bytes) -> bool:
+        """Write `data` as `name` only if there is no `name` yet; True where this call wrote it.
+
+        Locally this is atomic: a temp file hard-linked into place (os.link fails where the name exists).
+        pyarrow offers object stores no conditional write, so there the object is written where it is absent
+        and read back, and the call wrote it if it reads back `data` (which should therefore hold a random
+        token). That is best effort: two writers that both find the name absent, and each read back their
+        own object before the other's write lands, both count as its writer."""
+        if self.is_local:
+            try:
+                self._place_local(name, data, os.link)
+            except FileExistsError:
+                return False
+            return True
+        if self.exists(name):
+            return False
+        self.write(name, data)
+        return self.read(name) == data
+
+    def _place_local(self, name: str, data: bytes, place: Callable[[str, Path], None]) -> None:
+        """Write `data` to a temp file beside `name` and `place` it there (os.replace, os.link), so that no
+        reader sees a part of it."""
+        path = Path(self._key(name))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A leading dot and the .tmp suffix hide the temp file from names() and from pyarrow's data sets.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the storage is shared by every worker
+            place(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def write_checked(self, name: str, data: bytes) -> None:
         """Write `data` as `name` with its checksum in front; read it back with read_checked."""

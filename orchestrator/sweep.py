@@ -23,6 +23,7 @@ from backdoor import AttackError, DataError, ModelError, check_clean_subset, che
 
 from .cluster import RaySession, check_resources
 from .errors import USER_ERRORS
+from .lease import Lease
 from .plots import sweep_figures
 from .results import finished_ids, format_table, pareto_front, read_results
 from .spec import DEFAULT_CLEAN_RATIO, GridSpec, SearchSpec, TrialSpec, expand
@@ -222,6 +223,8 @@ def run_sweep(grid: GridSpec, *, storage: Storage | str | Path, resume: bool, ad
     continue from their checkpoints. `address` (or RAY_ADDRESS) joins a Ray cluster, else a local instance
     is started; `tracking_uri` defaults to sqlite in storage.local_dir()."""
     storage = storage if isinstance(storage, Storage) else Storage(storage)
+    lease = Lease(storage)
+    lease.check(resume)  # first: a second driver hears of the one that runs, not of --resume
     info_text = storage.read("sweep.json")
     info = json.loads(info_text) if info_text is not None else None
     if info is not None and not resume:
@@ -233,6 +236,16 @@ def run_sweep(grid: GridSpec, *, storage: Storage | str | Path, resume: bool, ad
     _check_against_data(grid)
     storage.check_writable()
 
+    lease.acquire(resume, out)
+    try:
+        return _run(grid, storage, info, address, tracking_uri, out)
+    finally:
+        lease.release()
+
+
+def _run(grid: GridSpec, storage: Storage, info: dict | None, address: str | None, tracking_uri: str | None,
+         out: Callable[[str], None]) -> pd.DataFrame:
+    """run_sweep once its checks have passed and it holds the storage's lease."""
     ray_session, tracking = RaySession.connect(address, out), None
     try:
         check_resources(grid.resources)
