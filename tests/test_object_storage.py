@@ -2,9 +2,12 @@
 Ray instance, MLflow's sqlite store on the driver's disk."""
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +24,7 @@ from mlflow import MlflowClient
 from processes import LOOPBACK, REPO, free_port, kill_session, listening_addresses, sau
 
 from orchestrator.spec import expand, load_grid
-from orchestrator.storage import Storage, cache_home
+from orchestrator.storage import Storage, StorageError, cache_home
 from orchestrator.sweep import run_sweep
 from orchestrator.tracking import TRIAL_ID_TAG
 from orchestrator.trial import load_checkpoint
@@ -160,6 +163,11 @@ def test_killed_driver_resumes_on_s3_and_finishes_every_trial_once(s3, write_gri
         while not any(0 < newest_round(s3, d) < 30 for d in long_trials):
             assert driver.poll() is None and time.monotonic() < deadline, "sweep ended before it could be killed"
             time.sleep(0.2)
+        os.kill(driver.pid, signal.SIGSTOP)  # it holds its lease, however long the second driver takes
+        holder = f"host {socket.gethostname()}, pid {driver.pid}, started {lease_record(s3, prefix)['started']}"
+        with pytest.raises(StorageError) as refused:
+            run_sweep(load_grid(path), storage=f"s3://{prefix}", resume=True, address=None, tracking_uri=None)
+        assert str(refused.value) == f"s3://{prefix}: in use by the sweep of {holder}; wait for it to end or stop it"
         os.killpg(driver.pid, signal.SIGKILL)
     finally:
         kill_session(driver.pid)  # Ray's workers and agents outlive a killed driver
@@ -172,9 +180,12 @@ def test_killed_driver_resumes_on_s3_and_finishes_every_trial_once(s3, write_gri
     done_before = {k.removesuffix(".parquet") for k in keys(s3, f"{prefix}/results")}
     assert len(done_before) < 4
 
+    with pytest.raises(StorageError, match=re.escape(f"gone ({holder}); pass --resume")):
+        run_sweep(load_grid(path), storage=f"s3://{prefix}", resume=False, address=None, tracking_uri=None)
     lines = []
     df = run_sweep(load_grid(path), storage=f"s3://{prefix}", resume=True, address=None, tracking_uri=None,
                    out=lines.append)
+    assert f"took over the lease on s3://{prefix} from a sweep driver that is gone ({holder})" in lines
     assert f"killed-s3: {4 - len(done_before)} trials to run, {len(done_before)} already finished" in lines
     assert sorted(df["trial_id"]) == sorted(specs)
     client, runs = finished_runs(prefix)
@@ -187,7 +198,11 @@ def test_killed_driver_resumes_on_s3_and_finishes_every_trial_once(s3, write_gri
         assert [int(line.split(",")[0]) for line in history[1:]] == list(range(1, rounds + 1))
     for trial_id, state in checkpoints.items():  # continued from its checkpoint, in the same MLflow run
         assert df[df["trial_id"] == trial_id].iloc[0]["mlflow_run_id"] == state["mlflow_run_id"]
-    assert not any(k.startswith("checkpoints/") for k in keys(s3, prefix))
+    assert not any(k.startswith(("checkpoints/", "lease.json")) for k in keys(s3, prefix))
+
+
+def lease_record(fs: pafs.FileSystem, prefix: str) -> dict:
+    return json.loads(fs.open_input_stream(f"{prefix}/lease.json").read())
 
 
 def test_search_on_s3_keeps_its_study_in_the_bucket(s3, write_grid, tmp_path):
