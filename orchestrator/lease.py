@@ -65,31 +65,32 @@ def _start_ticks(pid: int) -> int | None:
 
 class Lease:
     """This driver's lease on `storage`: check() before anything is validated, acquire() once validation has
-    passed (nothing is written before), release() on every way out. A daemon thread renews it every RENEW_S."""
+    passed (nothing is written before), release() on every way out. A daemon thread renews it every RENEW_S.
+    With `resume`, a lease left by a dead driver is taken over."""
 
-    def __init__(self, storage: Storage):
-        self.storage = storage
+    def __init__(self, storage: Storage, resume: bool):
+        self.storage, self.resume = storage, resume
         self.held: Holder | None = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
-    def check(self, resume: bool) -> Holder | None:
+    def check(self) -> Holder | None:
         """Refuse (StorageError, one line) where a live driver holds the lease, or where a dead one left it and
-        `resume` is not set; else the dead holder whose lease acquire() takes over (None where there is none)."""
+        this driver does not resume; else the dead holder whose lease acquire() takes over (None where there is none)."""
         holder = self._read()
         if holder is None:
             return None
         if holder.alive():
             raise StorageError(f"{self.storage}: in use by the sweep of {holder}; wait for it to end or stop it")
-        if not resume:
+        if not self.resume:
             raise StorageError(f"{self.storage}: its lease was left by a sweep driver that is gone ({holder}); "
                                "pass --resume to take it over and continue that sweep")
         return holder
 
-    def acquire(self, resume: bool, out: Callable[[str], None]) -> None:
+    def acquire(self, out: Callable[[str], None]) -> None:
         """Take the lease (checked again: validation took a while), saying whose it takes over, and start
         renewing it."""
-        dead = self.check(resume)
+        dead = self.check()
         if dead is not None and self._read() == dead:
             self.storage.delete(NAME)
         now = time.time()

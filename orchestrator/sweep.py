@@ -223,8 +223,8 @@ def run_sweep(grid: GridSpec, *, storage: Storage | str | Path, resume: bool, ad
     continue from their checkpoints. `address` (or RAY_ADDRESS) joins a Ray cluster, else a local instance
     is started; `tracking_uri` defaults to sqlite in storage.local_dir()."""
     storage = storage if isinstance(storage, Storage) else Storage(storage)
-    lease = Lease(storage)
-    lease.check(resume)  # first: a second driver hears of the one that runs, not of --resume
+    lease = Lease(storage, resume)
+    lease.check()  # first: a second driver hears of the one that runs, not of --resume
     info_text = storage.read("sweep.json")
     info = json.loads(info_text) if info_text is not None else None
     if info is not None and not resume:
@@ -236,19 +236,20 @@ def run_sweep(grid: GridSpec, *, storage: Storage | str | Path, resume: bool, ad
     _check_against_data(grid)
     storage.check_writable()
 
-    lease.acquire(resume, out)
     try:
-        return _run(grid, storage, info, address, tracking_uri, out)
+        return _run(grid, storage, info, lease, address, tracking_uri, out)
     finally:
         lease.release()
 
 
-def _run(grid: GridSpec, storage: Storage, info: dict | None, address: str | None, tracking_uri: str | None,
-         out: Callable[[str], None]) -> pd.DataFrame:
-    """run_sweep once its checks have passed and it holds the storage's lease."""
+def _run(grid: GridSpec, storage: Storage, info: dict | None, lease: Lease, address: str | None,
+         tracking_uri: str | None, out: Callable[[str], None]) -> pd.DataFrame:
+    """run_sweep once the checks that need no Ray have passed: the lease is taken once the cluster has what a
+    trial asks for (nothing is written before), and released by the caller."""
     ray_session, tracking = RaySession.connect(address, out), None
     try:
         check_resources(grid.resources)
+        lease.acquire(out)
         storage.local_dir().mkdir(parents=True, exist_ok=True)
         uri = tracking_uri or grid.tracking_uri or default_uri(storage.local_dir())
         sweep_name = info["sweep"] if info else f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}"

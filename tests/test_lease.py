@@ -45,7 +45,7 @@ def test_a_live_holder_is_refused_with_resume_too(tmp_path, fields):
     record = write_record(tmp_path, **fields)
     for resume in (False, True):
         with pytest.raises(StorageError) as error:
-            Lease(Storage(tmp_path)).acquire(resume, out=print)
+            Lease(Storage(tmp_path), resume).acquire(print)
         assert str(error.value) == (f"{tmp_path}: in use by the sweep of host {record['host']}, pid {record['pid']}, "
                                     f"started {record['started']}; wait for it to end or stop it")
     assert json.loads((tmp_path / NAME).read_text()) == record
@@ -59,27 +59,27 @@ def test_a_dead_holder_is_taken_over_with_resume_only(tmp_path, fields):
     record = write_record(tmp_path, **fields)
     storage = Storage(tmp_path)
     with pytest.raises(StorageError) as error:
-        Lease(storage).check(resume=False)
+        Lease(storage, resume=False).check()
     assert str(error.value) == (f"{tmp_path}: its lease was left by a sweep driver that is gone (host {record['host']}, "
                                 f"pid {record['pid']}, started {record['started']}); pass --resume to take it over "
                                 "and continue that sweep")
     lines = []
-    ours = Lease(storage)
-    ours.acquire(resume=True, out=lines.append)
+    ours = Lease(storage, resume=True)
+    ours.acquire(lines.append)
     assert lines == [f"took over the lease on {tmp_path} from a sweep driver that is gone (host {record['host']}, "
                      f"pid {record['pid']}, started {record['started']})"]
     held = json.loads((tmp_path / NAME).read_text())
     assert (held["host"], held["pid"], held["start_ticks"]) == (socket.gethostname(), os.getpid(), own_start_ticks())
     with pytest.raises(StorageError, match="in use by the sweep of"):  # held by a live driver now
-        Lease(storage).check(resume=True)
+        Lease(storage, resume=True).check()
     ours.release()
     assert not (tmp_path / NAME).exists()
 
 
 def test_the_lease_is_renewed_until_released(tmp_path, monkeypatch):
     monkeypatch.setattr(lease, "RENEW_S", 0.05)
-    ours = Lease(Storage(tmp_path))
-    ours.acquire(resume=False, out=print)
+    ours = Lease(Storage(tmp_path), resume=False)
+    ours.acquire(print)
     first = json.loads((tmp_path / NAME).read_text())
     deadline = time.monotonic() + 60
     while json.loads((tmp_path / NAME).read_text())["renewed"] == first["renewed"]:
@@ -92,8 +92,8 @@ def test_the_lease_is_renewed_until_released(tmp_path, monkeypatch):
 
 
 def test_release_leaves_a_lease_another_driver_took_over(tmp_path):
-    ours = Lease(Storage(tmp_path))
-    ours.acquire(resume=False, out=print)
+    ours = Lease(Storage(tmp_path), resume=False)
+    ours.acquire(print)
     theirs = write_record(tmp_path)  # (no renewal falls in this test: the first is RENEW_S away)
     ours.release()
     assert json.loads((tmp_path / NAME).read_text()) == theirs
@@ -111,7 +111,7 @@ def test_an_unreadable_lease_is_one_line(tmp_path):
     del record["pid"]
     (tmp_path / NAME).write_text(json.dumps(record))
     with pytest.raises(StorageError) as error:
-        Lease(Storage(tmp_path)).check(resume=True)
+        Lease(Storage(tmp_path), resume=True).check()
     assert str(error.value) == (f"{tmp_path / NAME}: not a lease record (no field 'pid'); delete it if no sweep "
                                 "runs on this storage")
 
