@@ -76,7 +76,7 @@ class Lease:
 
     def check(self) -> Holder | None:
         """Refuse (StorageError, one line) where a live driver holds the lease, or where a dead one left it and
-        this driver does not resume; else the dead holder whose lease acquire() takes over (None where there is none)."""
+        this driver does not resume; else the dead holder whose lease acquire() takes over (None if none)."""
         holder = self._read()
         if holder is None:
             return None

@@ -66,7 +66,7 @@ def s3(tmp_path_factory):
         with pytest.MonkeyPatch.context() as patch:
             for key, value in env.items():
                 patch.setenv(key, value)
-            ray.init(num_cpus=2, include_dashboard=False)
+            ray.init(address="local", num_cpus=2, include_dashboard=False)  # never another cluster on the machine
             try:
                 yield fs
             finally:

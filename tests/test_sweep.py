@@ -39,7 +39,7 @@ TWO_BY_TWO = {"attacks": [{"name": "badnets"}, {"name": "blended", "alpha": 0.2}
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance():
     """One local Ray instance for the module; run_sweep uses it instead of starting its own."""
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never another cluster on the machine
     yield
     ray.shutdown()
 

@@ -27,7 +27,7 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance():
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never another cluster on the machine
     yield
     ray.shutdown()
 
