@@ -20,6 +20,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from backdoor import AttackError, DataError, ModelError, check_clean_subset, check_fits, load_dataset, make_attack
+from defenses import DEFENSES
 
 from .cluster import RaySession, check_resources
 from .errors import USER_ERRORS
@@ -202,17 +203,22 @@ def _check_against_data(grid: GridSpec) -> None:
 
 
 def _check_clean_subsets(grid: GridSpec, n: int, num_classes: int) -> None:
-    """Every clean_ratio of the grid (a search: its smallest) gives a clean subset with room for each class."""
-    ratios = grid.sau.get("clean_ratio", DEFAULT_CLEAN_RATIO)
-    ratios = ratios if isinstance(ratios, list) else [ratios]
+    """Every clean_ratio the grid's defenses use (a search: the smallest it samples) gives a clean subset with room
+    for each class; an error names where that ratio is set."""
     dim = grid.search.space.get("clean_ratio") if grid.search is not None else None
-    if dim is not None:
-        ratios = dim.choices or [dim.low]
-    for ratio in ratios:
-        try:
-            check_clean_subset(n, ratio, num_classes)
-        except DataError as error:
-            raise SweepError(f"sau.{error}") from None
+    for i, (name, axes) in enumerate(grid.defense_axes()):
+        if DEFENSES[name].per_model:  # a defense without clean data
+            continue
+        if dim is not None:
+            place, ratios = "search.space", dim.choices or [dim.low]
+        else:
+            place = f"defenses[{i}]" if "clean_ratio" in grid.defenses[i].params else "sau"
+            ratios = axes.get("clean_ratio", DEFAULT_CLEAN_RATIO)
+        for ratio in ratios if isinstance(ratios, list) else [ratios]:
+            try:
+                check_clean_subset(n, ratio, num_classes)
+            except DataError as error:
+                raise SweepError(f"{place}.{error}") from None
 
 
 def run_sweep(grid: GridSpec, *, storage: Storage | str | Path, resume: bool, address: str | None,
@@ -304,7 +310,10 @@ def _finish(grid: GridSpec, storage: Storage, tracking: SweepTracking | None, fa
             storage.write("pareto.csv", artifacts[-1].read_bytes())
         if len(df):
             objectives = [(o.metric, o.mode) for o in grid.search.objectives] if grid.search else []
-            if sweep_figures(df, objectives, tracking and tracking.uri, Storage(Path(tmp) / "figures")):
-                artifacts.append(Path(tmp) / "figures")
+            figures = Path(tmp) / "figures"
+            if sweep_figures(df, objectives, tracking and tracking.uri, Storage(figures)):
+                artifacts.append(figures)
+                for path in sorted(figures.iterdir()):  # beside the rows too: MLflow may not be there
+                    storage.write(f"figures/{path.name}", path.read_bytes())
         close_sweep(tracking, artifacts, "FAILED" if failed else "KILLED" if unfinished else "FINISHED")
     return df

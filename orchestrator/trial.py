@@ -169,7 +169,9 @@ def _run(spec: TrialSpec, storage: Storage, tracking: SweepTracking | None,
                 "purify": progress.state_dict(), "mlflow_run_id": tracker.run_id, "latest": latest,
                 "evaluated": evaluated, "seconds": seconds_before + time.perf_counter() - start,
                 "stopped_row": row(progress.history, "stopped")})
-        if report is not None:
+        # The last round is reported with the row, once it is written (run_trial): a scheduler's rung at the
+        # last round could otherwise stop a trial that ran all its rounds, and its row would say `stopped`.
+        if report is not None and log.round < cfg.rounds:
             report({"round": log.round, **losses, **latest})
 
     try:

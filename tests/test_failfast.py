@@ -110,6 +110,14 @@ def test_a_clean_ratio_below_one_image_per_class_says_how_many_it_gives(tmp_path
     assert sorted(tmp_path.iterdir()) == [grid]
 
 
+def test_a_clean_ratio_in_a_defense_entry_is_checked_and_named_there(tmp_path):
+    grid = tmp_path / "few.yaml"
+    grid.write_text(grid_text(defenses=["none", {"name": "ft", "clean_ratio": 0.005}], storage=str(tmp_path / "runs")))
+    assert_one_line(sau("run", str(grid)),
+                    "defenses[1].clean_ratio: 0.005 of the 1438 training images gives 7, fewer than the 10 classes")
+    assert sorted(tmp_path.iterdir()) == [grid]
+
+
 @pytest.fixture
 def digits_record(tmp_path) -> Path:
     """An untrained cnn-small model record for digits: these tests never get as far as purifying it."""
