@@ -99,7 +99,7 @@ def test_training_set_is_left_clean():
     ({"grid_k": 1}, "attack wanet: grid_k: must be between 2 and 8 (image is 8x9)"),
     ({"grid_k": 9}, "attack wanet: grid_k: must be between 2 and 8 (image is 8x9)"),
     ({"strength": 0}, "attack wanet: strength: must be > 0"),
-    ({"strength": float("nan")}, "attack wanet: strength: must be > 0"),
+    ({"strength": float("nan")}, "attack wanet: strength: must be a finite number, got nan"),
     ({"cross_ratio": -0.5}, "attack wanet: cross_ratio: must be >= 0"),
     ({"poison_ratio": 0.4, "cross_ratio": 2.0},
      "attack wanet: cross_ratio: (1 + cross_ratio)·poison_ratio must be <= 1, got (1 + 2.0)·0.4"),
