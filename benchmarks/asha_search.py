@@ -22,6 +22,7 @@ from pathlib import Path
 import ray
 
 from orchestrator.spec import GridSpec, expand, load_grid
+from orchestrator.storage import Storage
 from orchestrator.store import ensure_models
 from orchestrator.sweep import run_sweep
 
@@ -69,7 +70,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            ensure_models(expand(plain), work / "models", plain.resources, out=lambda line: None)
+            ensure_models(expand(plain), Storage(work / "models"), plain.resources, out=lambda line: None)
             results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "grid": str(GRID.name),
                        "smoke": args.smoke, "num_samples": plain.search.num_samples,
                        "rounds": expand(plain)[0].params["rounds"], "objectives": [
