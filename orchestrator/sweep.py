@@ -4,6 +4,7 @@ as the full grid or as an Optuna search, and the results end up as Parquet rows 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -171,6 +172,8 @@ def _run_trials(grid: GridSpec, storage: Storage, tracking: SweepTracking | None
         run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), **storage.tune_storage(),
                                   failure_config=tune.FailureConfig(max_failures=2), verbose=0,
                                   callbacks=[Finished(out, total, storage, tracking), JsonLoggerCallback()]))
+    # Tune ends a sweep with failed trials by logging their Tune names; the sweep's own error line names them.
+    logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
     try:
         results = tuner.fit()
     finally:

@@ -4,6 +4,7 @@ anything is written; anything else that goes wrong is one line too, with the tra
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from mlflow import MlflowClient
 
 from backdoor import AttackError, RecipeError, TrainRecipe, build_model, make_attack, save_record
 from backdoor.record import ModelRecord, RecordError, load_record
@@ -93,6 +95,32 @@ def test_purify_refuses_a_non_finite_param(tmp_path, capsys):
     assert cli.main(["purify", str(tmp_path), "--param", "eps=inf", "--out", str(out)]) == 2
     assert capsys.readouterr().err == "error: --param eps: must be a finite number (got inf)\n"
     assert not out.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB filesystem (tmpfs): room for the sweep's first files and its model, not for its checkpoints and
+    rows. Mounting one needs root; elsewhere the test is skipped, saying why."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True,
+                          text=True) if shutil.which("mount") else None
+    if done is None or done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() if done else 'no mount command'})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_ends_the_sweep_in_one_line_and_leaves_no_temp_file(small_disk):
+    grid = small_disk.parent / "tiny.yaml"
+    grid.write_text(grid_text(sau={"eps": [0.1, 0.2]}))
+    result = sau("run", str(grid), "--storage", str(small_disk / "sweep"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "No space left on device" in errors[0], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr and "ERROR" not in result.stderr, result.stderr
+    assert not [p for p in small_disk.rglob("*") if p.name.endswith(".tmp")]
+    info = json.loads((small_disk / "sweep" / "sweep.json").read_text())
+    assert MlflowClient(info["tracking_uri"]).get_run(info["parent_run_id"]).info.status == "FAILED"
 
 
 def test_a_grid_past_the_limit_asks_for_yes(tmp_path):
