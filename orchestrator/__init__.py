@@ -15,3 +15,6 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # Tune's driver writes every result of every trial through a CSV, a JSON and a TensorBoard logger, each with
 # its own files per trial; sweeps keep the JSON record (result.json, each report with its node) only.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+# Tune runs each trial in its own trial directory; a sweep's trials run where stage 1 does, in the driver's
+# working directory (locally), so that a grid's relative data path (`npz:data/x.npz`) means the same to both.
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")

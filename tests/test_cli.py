@@ -7,11 +7,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from backdoor import load_record
+from backdoor import load_dataset, load_record
+from conftest import TINY_GRID
 from processes import REPO, SAU, sau, session_pids
 
 
@@ -153,6 +155,19 @@ def test_run_with_an_architecture_too_big_for_the_images_writes_nothing(tmp_path
     path.write_text(yaml.safe_dump(grid))
     assert_user_error(sau("run", str(path)), "archs[1]", "densenet161", "8x8")
     assert sorted(tmp_path.iterdir()) == [path]
+
+
+def test_run_reads_a_relative_data_path_from_where_it_is_started(tmp_path):
+    """Stage 1 and the trials both read `npz:digits.npz` in the directory `sau run` was started in."""
+    data = load_dataset("digits")
+    arrays = {key: getattr(data, key).numpy() for key in ("x_train", "y_train", "x_test", "y_test")}
+    np.savez(tmp_path / "digits.npz", **{k: v.transpose(0, 2, 3, 1) if k.startswith("x") else v
+                                         for k, v in arrays.items()})
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({**TINY_GRID, "name": "relative",
+                                                        "dataset": {"name": "npz:digits.npz"}}))
+    result = sau("run", "grid.yaml", "--storage", "sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(list((tmp_path / "sweep" / "results").glob("*.parquet"))) == 1
 
 
 def test_report_without_results_is_a_clear_error(tmp_path):
