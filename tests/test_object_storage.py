@@ -105,6 +105,7 @@ def test_sweep_on_s3_writes_everything_to_the_bucket_and_resumes_without_rerunni
         "sweep.json", *(f"results/{i}.parquet" for i in specs), *(f"history/{i}.csv" for i in specs),
         *(f"models/{model_key}/{name}" for name in ("record.json", "model.safetensors", "trigger.safetensors"))}
     assert any(k.startswith("tune/") for k in stored), sorted(stored)  # Tune's experiment directory
+    assert "figures/eps-acc_after-asr_after.png" in stored, sorted(stored)  # the sweep's figures, beside the rows
     assert not any(k.startswith("checkpoints/") for k in stored)  # dropped once each trial had its row
     history = s3.open_input_stream(f"{prefix}/history/{df['trial_id'][0]}.csv").read().decode().splitlines()
     assert [line.split(",")[0] for line in history] == ["round", "1", "2", "3"]
@@ -131,8 +132,9 @@ def test_sweep_on_s3_writes_everything_to_the_bucket_and_resumes_without_rerunni
     assert "on-s3: 0 trials to run, 2 already finished" in lines
     assert sorted(again["trial_id"]) == sorted(specs)
     after = keys(s3, prefix)
-    assert {k: after[k] for k in stored if not k.startswith(("sweep.json", "tune/"))} == {
-        k: t for k, t in stored.items() if not k.startswith(("sweep.json", "tune/"))}  # nothing written twice
+    remade = ("sweep.json", "tune/", "figures/")  # the figures are drawn again at each sweep's end
+    assert {k: after[k] for k in stored if not k.startswith(remade)} == {
+        k: t for k, t in stored.items() if not k.startswith(remade)}  # nothing written twice
     assert len(finished_runs(prefix)[1]) == 2
 
 
