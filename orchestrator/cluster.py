@@ -13,6 +13,7 @@ from typing import Callable
 
 import ray
 
+from .procfs import stat_fields
 from .spec import Resources
 
 # Where ray.init() writes the token it generates for a local instance (ray/_private/authentication/
@@ -30,20 +31,16 @@ class ClusterError(ValueError):
 def _children() -> dict[int, list[int]]:
     """Every process's children, from /proc (empty where there is no /proc)."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # fields after "(comm)": state, ppid
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = stat_fields(int(entry.name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))  # fields[1]: the parent's pid
     return children
 
 
 def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # not a zombie
-    except (OSError, IndexError):
-        return False
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"  # not a zombie
 
 
 def _tree(roots: set[int]) -> set[int]:

@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from .procfs import stat_fields
 from .storage import Storage, StorageError
 
 NAME = "lease.json"
@@ -55,12 +56,8 @@ class Holder:
 def _start_ticks(pid: int) -> int | None:
     """When process `pid` started (clock ticks after boot), or None where it is gone, a zombie, or this
     system has no /proc."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()  # after "(comm)": field 3 (state) onwards
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else int(fields[19])
+    fields = stat_fields(pid)  # from field 3 (the state) on: field 22 is fields[19]
+    return None if fields is None or fields[0] == "Z" else int(fields[19])
 
 
 class Lease:

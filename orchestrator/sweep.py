@@ -145,9 +145,11 @@ def _scheduler(grid: GridSpec, base: TrialSpec) -> ASHAScheduler | None:
                          stop_last_trials=False)
 
 
-def _run_trials(grid: GridSpec, storage: Storage, tracking: SweepTracking | None, out) -> tuple[list[str], int]:
+def _run_trials(grid: GridSpec, storage: Storage, tracking: SweepTracking | None,
+                out) -> tuple[list[str], int, set[str]]:
     """Train the missing models (stage 1), then run the trials still to do on Ray Tune (stage 2);
-    returns one line per failed trial, and how many trials Tune stopped unfinished (Ctrl-C)."""
+    returns one line per failed trial, how many trials Tune stopped unfinished (Ctrl-C), and the ids of the
+    trials that have a row that reads back whole."""
     finished = finished_ids(storage / "results")
     if grid.search is None:
         todo = {s.trial_id: s for s in expand(grid) if s.trial_id not in finished}
@@ -162,7 +164,7 @@ def _run_trials(grid: GridSpec, storage: Storage, tracking: SweepTracking | None
         scheduler = _scheduler(grid, base)
     out(f"{grid.name}: {max(total, 0)} trials to run, {len(finished)} already finished")
     if total <= 0:
-        return [], 0
+        return [], 0, finished
     ensure_models(specs, storage / "models", grid.resources, out)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": grid.resources.cpu, "gpu": grid.resources.gpu}),
@@ -185,7 +187,7 @@ def _run_trials(grid: GridSpec, storage: Storage, tracking: SweepTracking | None
     # On Ctrl-C Tune stops the trials and returns normally: a trial without error and without row did not finish.
     rows = finished_ids(storage / "results")
     unfinished = sum(r.error is None and r.metrics.get("trial") not in rows for r in results)
-    return failed, unfinished
+    return failed, unfinished, rows
 
 
 def _check_against_data(grid: GridSpec) -> None:
@@ -268,7 +270,7 @@ def _run(grid: GridSpec, storage: Storage, info: dict | None, lease: Lease, addr
             "grid": grid.name, "sweep": sweep_name, "tracking_uri": uri,
             "experiment_id": tracking and tracking.experiment_id,
             "parent_run_id": tracking and tracking.parent_run_id}, indent=2) + "\n").encode())
-        failed, unfinished = _run_trials(grid, storage, tracking, out)
+        failed, unfinished, rows = _run_trials(grid, storage, tracking, out)
     except BaseException as error:
         close_sweep(tracking, [], _ended(error))
         raise
@@ -276,7 +278,7 @@ def _run(grid: GridSpec, storage: Storage, info: dict | None, lease: Lease, addr
         ray_session.close()
 
     try:
-        df = _finish(grid, storage, tracking, failed, unfinished, out)
+        df = _finish(grid, storage, tracking, rows, failed, unfinished, out)
     except BaseException as error:
         close_sweep(tracking, [], _ended(error))
         raise
@@ -295,10 +297,10 @@ def _ended(error: BaseException) -> str:
     return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
 
 
-def _finish(grid: GridSpec, storage: Storage, tracking: SweepTracking | None, failed: list[str], unfinished: int,
-            out: Callable[[str], None]) -> pd.DataFrame:
+def _finish(grid: GridSpec, storage: Storage, tracking: SweepTracking | None, rows: set[str], failed: list[str],
+            unfinished: int, out: Callable[[str], None]) -> pd.DataFrame:
     """Print the results (and a search's Pareto front), attach them to the parent run and close it."""
-    df = read_results(storage) if finished_ids(storage / "results") else pd.DataFrame()
+    df = read_results(storage) if rows else pd.DataFrame()
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = []
         if len(df):
