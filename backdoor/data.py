@@ -1,10 +1,12 @@
 """Image data sets as uint8 N×C×H×W tensors: sklearn digits, .npz archives, the torchvision sets (MNIST,
 CIFAR-10/100, GTSRB) and Tiny-ImageNet's folder layout."""
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # Names load_dataset knows besides npz:PATH; every one but digits is read from under a root directory.
@@ -95,11 +97,12 @@ def _make(name, x_train, y_train, x_test, y_test, norm=None) -> ImageData:
 
 
 def _digits() -> ImageData:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.from_numpy(digits.images).mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
-    y = torch.from_numpy(digits.target).long()
+    # scikit-learn's file, read as its load_digits reads it: importing scikit-learn (and SciPy with it) would cost
+    # every process that loads the set half a second and some 80 MiB.
+    package = Path(importlib.util.find_spec("sklearn").origin).parent
+    data = np.loadtxt(package / "datasets" / "data" / "digits.csv.gz", delimiter=",")
+    x = torch.from_numpy(data[:, :-1].reshape(-1, 8, 8)).mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
+    y = torch.from_numpy(data[:, -1].astype(np.int64))
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train, test = order[:round(0.8 * len(y))], order[round(0.8 * len(y)):]
     return _make("digits", x[train], y[train], x[test], y[test])

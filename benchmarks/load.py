@@ -110,10 +110,9 @@ def run_case(case: str, trials: int, work: Path, env_extra: dict[str, str]) -> d
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp, **env_extra}
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-c", "import sys; from orchestrator.cli import main; sys.exit(main(sys.argv[1:]))",
-               "run", str(grid_path), "--storage", str(storage)]
+    command = [sys.executable, "-m", "orchestrator.cli", "run", str(grid_path), "--storage", str(storage)]
     lines: list[tuple[float, str]] = []
-    samples: list[int] = []
+    samples: list[tuple[float, int]] = []  # (time, resident bytes)
     loads: list[float] = []
     t0 = time.time()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -122,7 +121,7 @@ def run_case(case: str, trials: int, work: Path, env_extra: dict[str, str]) -> d
     def sample() -> None:
         while proc.poll() is None:
             try:
-                samples.append(rss_bytes(proc.pid))
+                samples.append((time.time(), rss_bytes(proc.pid)))
                 loads.append(os.getloadavg()[0])
             except (OSError, ValueError):
                 break
@@ -154,13 +153,16 @@ def run_case(case: str, trials: int, work: Path, env_extra: dict[str, str]) -> d
     startup, stage1 = t_init - t0, t_stage1 - t_init
     warmup = first - t_stage1 - rows[0]["seconds_total"]
     shutdown = t_end - last
+    peak_at, peak = max(samples, key=lambda sample: sample[1])
     runs = mlflow_runs(storage)
     return {
         "case": case, "trials": trials, "rows": len(rows), "distinct_rows": len({r["trial_id"] for r in rows}),
         "mlflow_child_runs": runs, "concurrency": concurrency,
         "wall_s": round(t_end - t0, 2), "trials_per_min": round(len(rows) / (t_end - t0) * 60, 1),
         "steady_trials_per_min": round((len(rows) - 1) / (last - first) * 60, 1),
-        "driver_peak_rss_mib": round(max(samples) / 2**20, 1), "rss_samples": len(samples),
+        "driver_peak_rss_mib": round(peak / 2**20, 1), "rss_samples": len(samples),
+        # When the peak was reached, from the process start (compare startup_s, stage1_s, wall_s).
+        "driver_peak_at_s": round(peak_at - t0, 2),
         "loadavg_1min_mean_during": round(sum(loads) / len(loads), 2),
         "lost": trials - len({r["trial_id"] for r in rows}) + trials - runs.get("FINISHED", 0),
         "startup_s": round(startup, 2), "stage1_s": round(stage1, 2), "warmup_s": round(warmup, 2),

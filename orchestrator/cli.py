@@ -3,6 +3,7 @@ sync tracking."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -376,5 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console() -> None:
+    """The `sau` command: main(), then exit."""
+    code = main()
+    # The interpreter's exit collects every object torch, Ray and MLflow made, for seconds after a sweep;
+    # frozen objects are left to the exit itself.
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

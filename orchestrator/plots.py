@@ -6,12 +6,9 @@ from __future__ import annotations
 import io
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: workers and CI have no display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import pandas as pd
+# Figures without pyplot: no GUI backend and no global figure registry, so nothing needs a display or closing.
+from matplotlib.figure import Figure
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # see tracking.py
 from mlflow import MlflowClient  # noqa: E402
@@ -50,7 +47,6 @@ def _save(fig, out: Storage, name: str) -> list[str]:
         fig.savefig(buffer, format=kind, dpi=DPI)
         out.write(f"{name}.{kind}", buffer.getvalue())
         places.append(out.location(f"{name}.{kind}"))
-    plt.close(fig)
     return places
 
 
@@ -71,7 +67,8 @@ def against(df: pd.DataFrame, x: str, ys: list[str], out: Storage) -> list[str]:
     for y in ys:
         if y not in df.columns:
             raise ResultsError(f"--y {y}: no such column")
-    fig, axes = plt.subplots(1, len(ys), figsize=(SIZE[0] * len(ys), SIZE[1]), squeeze=False)
+    fig = Figure(figsize=(SIZE[0] * len(ys), SIZE[1]))
+    axes = fig.subplots(1, len(ys), squeeze=False)
     rows = df.dropna(subset=columns, how="all")
     several = rows["defense"].nunique() > 1
     for defense, mine in rows.groupby("defense", sort=False):
@@ -105,7 +102,8 @@ def pareto(df: pd.DataFrame, objectives: list[tuple[str, str]], out: Storage) ->
         raise ResultsError("a Pareto plot needs two objectives")
     (a, mode_a), (b, mode_b) = objectives
     front = pareto_front(df, objectives).sort_values(a)
-    fig, ax = plt.subplots(figsize=SIZE)
+    fig = Figure(figsize=SIZE)
+    ax = fig.subplots()
     ax.scatter(df[a] * _scale(a), df[b] * _scale(b), color="0.6", label=f"all trials ({len(df)})")
     ax.plot(front[a] * _scale(a), front[b] * _scale(b), color="C3", marker="o", drawstyle="steps-post",
             label=f"Pareto front ({len(front)})")
@@ -127,7 +125,8 @@ def rounds(tracking_uri: str, rows: pd.DataFrame, out: Storage) -> list[str]:
             raise ResultsError(f"trial {row['trial_id']}: no MLflow run recorded, so no per-round history")
         history = {key: client.get_metric_history(row["mlflow_run_id"], key)
                    for key in ("loss", "clean", "at", "sar", "acc", "asr")}
-        fig, (left, right) = plt.subplots(1, 2, figsize=(2 * SIZE[0], SIZE[1]))
+        fig = Figure(figsize=(2 * SIZE[0], SIZE[1]))
+        left, right = fig.subplots(1, 2)
         for key in ("loss", "clean", "at", "sar"):
             points = sorted((m.step, m.value) for m in history[key])
             if points and any(v for _, v in points):  # a term the defense does not have stays at 0

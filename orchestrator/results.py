@@ -56,11 +56,21 @@ def _row(results: Storage, name: str) -> pa.Table | None:
         return None
 
 
+def row_table(results: Storage | str | os.PathLike, trial_id: str) -> pa.Table | None:
+    """The row of `trial_id` as stored, or None if it has none (or none that reads back whole)."""
+    return _row(_at(results), f"{trial_id}.parquet")
+
+
 def read_row(results: Storage | str | os.PathLike, trial_id: str) -> dict | None:
     """The row of `trial_id` (FILLED where it lacks a column), or None if it has none (or none that reads back
     whole)."""
-    table = _row(_at(results), f"{trial_id}.parquet")
-    return None if table is None else {**FILLED, **table.to_pylist()[0]}
+    table = row_table(results, trial_id)
+    return None if table is None else row_dict(table)
+
+
+def row_dict(row: pa.Table) -> dict:
+    """A stored row as a dict, FILLED where it lacks a column."""
+    return {**FILLED, **row.to_pylist()[0]}
 
 
 def write_row(results: Storage | str | os.PathLike, row: dict) -> str:
@@ -71,10 +81,20 @@ def write_row(results: Storage | str | os.PathLike, row: dict) -> str:
     return results.location(name)
 
 
-def finished_ids(results: Storage | str | os.PathLike) -> set[str]:
-    """Ids of the trials that have a row in `results` that reads back whole (empty if it does not exist)."""
+def finished_rows(results: Storage | str | os.PathLike) -> dict[str, pa.Table]:
+    """The rows in `results` that read back whole, by trial id (none if it does not exist)."""
     results = _at(results)
-    return {name.removesuffix(".parquet") for name in results.names(".parquet") if _row(results, name) is not None}
+    rows = {name.removesuffix(".parquet"): _row(results, name) for name in results.names(".parquet")}
+    return {trial_id: row for trial_id, row in rows.items() if row is not None}
+
+
+def frame(rows: list[pa.Table]) -> pd.DataFrame:
+    """Rows as one table; a column some rows lack is FILLED where it has a default."""
+    # Rows written at different times may differ in column set or type (null vs str, int vs float).
+    df = pa.concat_tables(rows, promote_options="permissive").to_pandas()
+    for column, value in FILLED.items():
+        df[column] = df[column].fillna(value) if column in df else value
+    return df
 
 
 def read_results(path: Storage | str | os.PathLike) -> pd.DataFrame:
@@ -93,11 +113,7 @@ def read_results(path: Storage | str | os.PathLike) -> pd.DataFrame:
         tables = [_table(blob) for blob in blobs]
     except (OSError, pa.ArrowException, StorageError) as e:
         raise ResultsError(f"{path}: cannot read results: {str(e).splitlines()[0]}") from None
-    # Rows written at different times may differ in column set or type (null vs str, int vs float).
-    df = pa.concat_tables(tables, promote_options="permissive").to_pandas()
-    for column, value in FILLED.items():
-        df[column] = df[column].fillna(value) if column in df else value
-    return df
+    return frame(tables)
 
 
 def parameter_columns(df: pd.DataFrame) -> list[str]:

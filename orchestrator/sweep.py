@@ -12,6 +12,7 @@ from typing import Callable
 
 import optuna
 import pandas as pd
+import pyarrow as pa
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray import tune
@@ -24,15 +25,15 @@ from backdoor import AttackError, DataError, ModelError, check_clean_subset, che
 from defenses import DEFENSES
 
 from .cluster import RaySession, check_resources
-from .errors import USER_ERRORS
 from .lease import Lease
 from .plots import sweep_figures
-from .results import finished_ids, format_table, pareto_front, read_results
+from .results import finished_rows, format_table, frame, pareto_front, row_table
 from .spec import DEFAULT_CLEAN_RATIO, GridSpec, SearchSpec, TrialSpec, expand
 from .storage import Storage
 from .store import ensure_models
 from .tracking import SweepTracking, close_sweep, default_uri, open_sweep
-from .trial import run_trial, write_stopped_row
+from .trainable import grid_trial, search_trial
+from .trial import write_stopped_row
 
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
             "nsga2": optuna.samplers.NSGAIISampler, "gp": optuna.samplers.GPSampler}
@@ -42,36 +43,17 @@ class SweepError(ValueError):
     """A sweep that cannot start or whose trials failed; one line."""
 
 
-def _trial(spec: TrialSpec, storage: Storage, tracking: SweepTracking | None) -> None:
-    try:
-        run_trial(spec, storage, tracking, report=lambda m: tune.report({"trial": spec.trial_id, **m}))
-    except USER_ERRORS as error:
-        # Raising would make Tune retry what cannot change (FailureConfig has no notion of a permanent error):
-        # the trial ends at once, and the driver reads the error from its last result.
-        tune.report({"trial": spec.trial_id, "error": f"{type(error).__name__}: {error}"})
-
-
-def grid_trial(config: dict, specs: dict[str, TrialSpec], storage: Storage, tracking: SweepTracking | None) -> None:
-    """A Tune trial of the grid. A trial Tune retries after a failure (FailureConfig) continues from its
-    own checkpoint, storage/checkpoints/<trial_id>/, which run_trial writes; Tune checkpoints are not used."""
-    _trial(specs[config["trial_id"]], storage, tracking)
-
-
-def search_trial(config: dict, base: TrialSpec, storage: Storage, tracking: SweepTracking | None) -> None:
-    """A Tune trial of a search: `base` with the values the searcher sampled (retried like grid_trial).
-    A sample that repeats a finished one is answered from its row."""
-    _trial(base.with_params(**config), storage, tracking)
-
-
 class Finished(tune.Callback):
     """One line per finished trial: Tune's own output is a box per trial start and end, too long for big sweeps.
 
     A trial completes without a row when the scheduler stopped it: its `stopped` row is written here, from its
-    checkpoint. (Ctrl-C ends trials without completing them.)"""
+    checkpoint. (Ctrl-C ends trials without completing them.) Each row is read back once, here, and kept in
+    `rows` for the sweep's results table."""
 
     def __init__(self, out: Callable[[str], None], total: int, storage: Storage, tracking: SweepTracking | None):
         self.out, self.total, self.done = out, total, 0
         self.storage, self.tracking = storage, tracking
+        self.rows: dict[str, pa.Table] = {}
 
     def __getstate__(self) -> dict:
         # Tune pickles callbacks for Tuner.restore, which sweeps do not use; `out` need not pickle.
@@ -90,11 +72,16 @@ class Finished(tune.Callback):
         if "error" in r:
             self.out(f"[{self.done}/{self.total}] trial {r['trial']}: failed: {r['error']}")
             return
+        row = row_table(self.storage / "results", r["trial"])
+        stopped = row is None and write_stopped_row(self.storage, r["trial"], self.tracking) is not None
+        if stopped:
+            row = row_table(self.storage / "results", r["trial"])
+        if row is not None:
+            self.rows[r["trial"]] = row
         if r.get("status") == "diverged":
             self.out(f"[{self.done}/{self.total}] trial {r['trial']}: diverged at round {r['round'] + 1} "
                      "(non-finite loss); recorded with status diverged")
             return
-        stopped = write_stopped_row(self.storage, r["trial"], self.tracking)
         how = f"stopped at round {r['round']}" if stopped else "finished"
         self.out(f"[{self.done}/{self.total}] trial {r['trial']} {how}: ACC {r['acc_after']:.1%}  "
                  f"ASR {r['asr_after']:.1%}  RA {r['ra_after']:.1%}  DER {r['der']:.3f}")
@@ -146,11 +133,11 @@ def _scheduler(grid: GridSpec, base: TrialSpec) -> ASHAScheduler | None:
 
 
 def _run_trials(grid: GridSpec, storage: Storage, tracking: SweepTracking | None,
-                out) -> tuple[list[str], int, set[str]]:
+                out) -> tuple[list[str], int, dict[str, pa.Table]]:
     """Train the missing models (stage 1), then run the trials still to do on Ray Tune (stage 2);
-    returns one line per failed trial, how many trials Tune stopped unfinished (Ctrl-C), and the ids of the
-    trials that have a row that reads back whole."""
-    finished = finished_ids(storage / "results")
+    returns one line per failed trial, how many trials Tune stopped unfinished (Ctrl-C), and the rows that read
+    back whole, by trial id."""
+    finished = finished_rows(storage / "results")
     if grid.search is None:
         todo = {s.trial_id: s for s in expand(grid) if s.trial_id not in finished}
         total, specs = len(todo), list(todo.values())
@@ -166,6 +153,7 @@ def _run_trials(grid: GridSpec, storage: Storage, tracking: SweepTracking | None
     if total <= 0:
         return [], 0, finished
     ensure_models(specs, storage / "models", grid.resources, out)
+    progress = Finished(out, total, storage, tracking)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": grid.resources.cpu, "gpu": grid.resources.gpu}),
         param_space=param_space,
@@ -173,7 +161,7 @@ def _run_trials(grid: GridSpec, storage: Storage, tracking: SweepTracking | None
                                     scheduler=scheduler, reuse_actors=True),
         run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), **storage.tune_storage(),
                                   failure_config=tune.FailureConfig(max_failures=2), verbose=0,
-                                  callbacks=[Finished(out, total, storage, tracking), JsonLoggerCallback()]))
+                                  callbacks=[progress, JsonLoggerCallback()]))
     # Tune ends a sweep with failed trials by logging their Tune names; the sweep's own error line names them.
     logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
     try:
@@ -185,7 +173,7 @@ def _run_trials(grid: GridSpec, storage: Storage, tracking: SweepTracking | None
               f"{getattr(r.error, 'cause', None) or r.error!r}" for r in results if r.error is not None]
     failed += [f"trial {r.metrics['trial']}: {r.metrics['error']}" for r in results if "error" in r.metrics]
     # On Ctrl-C Tune stops the trials and returns normally: a trial without error and without row did not finish.
-    rows = finished_ids(storage / "results")
+    rows = {**finished, **progress.rows}
     unfinished = sum(r.error is None and r.metrics.get("trial") not in rows for r in results)
     return failed, unfinished, rows
 
@@ -297,10 +285,10 @@ def _ended(error: BaseException) -> str:
     return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
 
 
-def _finish(grid: GridSpec, storage: Storage, tracking: SweepTracking | None, rows: set[str], failed: list[str],
-            unfinished: int, out: Callable[[str], None]) -> pd.DataFrame:
+def _finish(grid: GridSpec, storage: Storage, tracking: SweepTracking | None, rows: dict[str, pa.Table],
+            failed: list[str], unfinished: int, out: Callable[[str], None]) -> pd.DataFrame:
     """Print the results (and a search's Pareto front), attach them to the parent run and close it."""
-    df = read_results(storage) if rows else pd.DataFrame()
+    df = frame(list(rows.values())) if rows else pd.DataFrame()
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = []
         if len(df):

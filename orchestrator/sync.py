@@ -8,7 +8,7 @@ import io
 import json
 from typing import Callable
 
-from .results import finished_ids, read_row
+from .results import finished_rows, row_dict
 from .storage import Storage
 from .tracking import ERRORS, SweepTracking, TrialTracker, find_sweep, tracked_trials
 from .trial import FINAL, METRICS, row_params
@@ -48,12 +48,12 @@ def sync(storage: Storage, uri: str, out: Callable[[str], None] = print) -> int:
         have = tracked_trials(tracking)
     except ERRORS as error:
         raise SyncError(f"tracking at {uri}: {type(error).__name__}: {str(error).splitlines()[0]}") from None
-    rows = finished_ids(storage / "results")
-    missing = sorted(rows - have)
+    rows = finished_rows(storage / "results")
+    missing = sorted(rows.keys() - have)
     for trial_id in missing:
         history = (storage / "history").read(f"{trial_id}.csv")
-        replay(tracking, read_row(storage / "results", trial_id), history and history.decode())
-    left = len(rows - tracked_trials(tracking))
+        replay(tracking, row_dict(rows[trial_id]), history and history.decode())
+    left = len(rows.keys() - tracked_trials(tracking))
     if left:
         raise SyncError(f"tracking at {uri}: {left} of {len(missing)} runs could not be created (see the "
                         "warnings above); run sau sync again")

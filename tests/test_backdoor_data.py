@@ -2,6 +2,8 @@ import hashlib
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,6 +58,17 @@ def test_digits_split_partitions_rescaled_sklearn_images():
     raw = np.round(load_digits().images * 255 / 16).astype(np.uint8)
     ours = torch.cat([data.x_train, data.x_test])[:, 0].numpy()
     assert sorted(img.tobytes() for img in ours) == sorted(img.tobytes() for img in raw)
+    # Image by image, with its label, in the fixed split's order: the set is read from scikit-learn's file.
+    digits = load_digits()
+    order = torch.randperm(len(digits.target), generator=torch.Generator().manual_seed(0)).numpy()
+    assert np.array_equal(ours, raw[order]) and np.array_equal(
+        torch.cat([data.y_train, data.y_test]).numpy(), digits.target[order])
+
+
+def test_loading_digits_does_not_import_scikit_learn():
+    code = "import sys, backdoor; backdoor.load_dataset('digits'); print('sklearn' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_to_unit_range():

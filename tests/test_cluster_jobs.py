@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from orchestrator.results import finished_ids, read_results
+from orchestrator.results import finished_rows, read_results
 from orchestrator.spec import expand, load_grid
 from orchestrator.tracking import TRIAL_ID_TAG
 from processes import RAY, LocalCluster, listening_addresses, process_name, session_pids
@@ -57,7 +57,7 @@ def test_entry_script_runs_a_grid_through_ray_job_submit(write_grid, tmp_path, r
     assert addresses and all(a.startswith(LOOPBACK) for a in addresses), addresses
 
     specs = {s.trial_id for s in expand(load_grid(grid_path))}
-    assert finished_ids(storage / "results") == specs
+    assert set(finished_rows(storage / "results")) == specs
     client, runs = child_runs(storage)
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in runs) == sorted(specs)
     assert all(r.info.status == "FINISHED" for r in runs)

@@ -226,3 +226,34 @@ def test_search_on_s3_keeps_its_study_in_the_bucket(s3, write_grid, tmp_path):
     study = optuna.load_study(study_name="search-s3", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(copy))))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3  # 2 downloaded, 1 new
+
+
+def test_sync_creates_the_runs_of_a_sweep_on_s3_once(s3, write_grid, tmp_path):
+    """A sweep on S3 whose tracking server was down: `sau sync s3://...` creates its runs from the bucket."""
+    path = write_grid(name="sync-s3", sau={"eps": [0.1, 0.2]})
+    specs = {s.trial_id: s for s in expand(load_grid(path))}
+    prefix = f"{BUCKET}/sweeps/sync"
+    df = run_sweep(load_grid(path), storage=f"s3://{prefix}", resume=False, address=None,
+                   tracking_uri=f"http://127.0.0.1:{free_port()}", out=lambda line: None)  # nothing listens
+    assert sorted(df["trial_id"]) == sorted(specs) and set(df["mlflow_run_id"]) == {""}
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = sau("sync", f"s3://{prefix}", "--tracking-uri", uri)
+    assert first.returncode == 0, first.stderr
+    assert "2 runs created, 0 rows already had one" in first.stdout
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sync-s3")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{TRIAL_ID_TAG}` != ''")
+    assert sorted(r.data.tags[TRIAL_ID_TAG] for r in runs) == sorted(specs)
+    for run in runs:
+        trial_id = run.data.tags[TRIAL_ID_TAG]
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["der"] == df[df["trial_id"] == trial_id].iloc[0]["der"]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+        history = Path(client.download_artifacts(run.info.run_id, "history.csv", str(tmp_path))).read_bytes()
+        assert history == s3.open_input_stream(f"{prefix}/history/{trial_id}.csv").read()
+
+    second = sau("sync", f"s3://{prefix}", "--tracking-uri", uri)
+    assert second.returncode == 0, second.stderr
+    assert "0 runs created, 2 rows already had one" in second.stdout
+    assert len(client.search_runs([experiment.experiment_id], "")) == len(runs) + 1  # and the parent run

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator import storage
-from orchestrator.results import (ResultsError, finished_ids, format_table, pareto_front, read_results, read_row,
+from orchestrator.results import (ResultsError, finished_rows, format_table, pareto_front, read_results, read_row,
                                  write_row)
 
 
@@ -49,7 +49,7 @@ def test_crash_before_rename_leaves_no_row(tmp_path, monkeypatch):
     monkeypatch.setattr(storage.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         write_row(tmp_path, row("a" * 16))
-    assert finished_ids(tmp_path) == set()
+    assert set(finished_rows(tmp_path)) == set()
     with pytest.raises(ResultsError):
         read_results(tmp_path)
 
@@ -58,7 +58,7 @@ def test_temp_files_are_invisible(tmp_path):
     write_row(tmp_path, row("a" * 16))
     # What a killed writer leaves behind: a complete Parquet file under write_row's temp name.
     pq.write_table(pa.Table.from_pylist([row("b" * 16)]), tmp_path / f".{'b' * 16}.x1y2z3.tmp")
-    assert finished_ids(tmp_path) == {"a" * 16}
+    assert set(finished_rows(tmp_path)) == {"a" * 16}
     assert read_results(tmp_path)["trial_id"].tolist() == ["a" * 16]
     assert pd.read_parquet(tmp_path)["trial_id"].tolist() == ["a" * 16]  # as a pyarrow data set, too
 
@@ -68,17 +68,17 @@ def test_a_torn_row_is_no_finished_trial_and_is_set_aside(tmp_path, capfd):
     write_row(tmp_path, row("b" * 16))
     torn = tmp_path / f"{'b' * 16}.parquet"
     torn.write_bytes(torn.read_bytes()[:-12])  # a writer that died mid-file: no footer
-    assert finished_ids(tmp_path) == {"a" * 16}
+    assert set(finished_rows(tmp_path)) == {"a" * 16}
     (line,) = capfd.readouterr().err.splitlines()
     assert line.startswith(f"warning: {torn}: unreadable row (") and line.endswith(
         f"set aside as {tmp_path / '_corrupt' / torn.name}; its trial runs again")
     assert (tmp_path / "_corrupt" / torn.name).is_file() and not torn.exists()
-    assert read_row(tmp_path, "b" * 16) is None and finished_ids(tmp_path) == {"a" * 16}
+    assert read_row(tmp_path, "b" * 16) is None and set(finished_rows(tmp_path)) == {"a" * 16}
     assert pd.read_parquet(tmp_path)["trial_id"].tolist() == ["a" * 16]  # pyarrow's data sets skip _corrupt/
 
 
 def test_no_results(tmp_path):
-    assert finished_ids(tmp_path / "missing") == set()
+    assert set(finished_rows(tmp_path / "missing")) == set()
     with pytest.raises(ResultsError) as info:
         read_results(tmp_path)
     assert str(info.value) == f"{tmp_path}: no results (expected {tmp_path}/results/*.parquet)"

@@ -24,7 +24,7 @@ from processes import (LOOPBACK, alive, free_port, kill_session, listening_addre
                        wait_until_healthy)
 
 from backdoor.record import FILES
-from orchestrator.results import finished_ids, read_results
+from orchestrator.results import finished_rows, read_results
 from orchestrator.spec import expand, load_grid
 from orchestrator.storage import Storage
 from orchestrator.sweep import SweepError, run_sweep
@@ -70,7 +70,7 @@ def test_grid_sweep_writes_one_row_and_one_finished_run_per_trial(grid_sweep):
     path, storage, df, lines = grid_sweep
     specs = {s.trial_id: s for s in expand(load_grid(path))}
     assert len(specs) == 4
-    assert sorted(df["trial_id"]) == sorted(specs) == sorted(finished_ids(storage / "results"))
+    assert sorted(df["trial_id"]) == sorted(specs) == sorted(set(finished_rows(storage / "results")))
     assert len(list((storage / "models").iterdir())) == 2  # 2 attacks x 1 arch x 1 seed, trained once each
     assert sum(line.startswith("[") for line in lines) == 4  # one progress line per finished trial
 
@@ -201,7 +201,7 @@ def test_killed_sweep_resumes_without_duplicates(write_grid, tmp_path):
     checkpoints = {d.name: load_checkpoint(Storage(d)) for d in (storage / "checkpoints").iterdir()
                    if any(d.glob("state-*.pt"))}
     assert any(state["purify"]["round"] < specs[i].params["rounds"] for i, state in checkpoints.items())
-    done_before = finished_ids(storage / "results")
+    done_before = set(finished_rows(storage / "results"))
     df, lines = sweep(path, storage, resume=True)
     assert f"killed: {4 - len(done_before)} trials to run, {len(done_before)} already finished" in lines
 
