@@ -29,6 +29,21 @@ def sau(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+def sync_runs(storage: str, uri: str, grid: str, created: int, had: int) -> list:
+    """`sau sync STORAGE --tracking-uri URI`, which must say it created `created` runs and found `had` rows with
+    one; returns the trials' runs in the experiment of `grid` at `uri`."""
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking import TRIAL_ID_TAG
+
+    result = sau("sync", storage, "--tracking-uri", uri)
+    assert result.returncode == 0, result.stderr
+    assert f"{created} runs created, {had} rows already had one" in result.stdout
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(grid)
+    return client.search_runs([experiment.experiment_id], f"tags.`{TRIAL_ID_TAG}` != ''")
+
+
 def _stats() -> dict[int, tuple[int, int, str]]:
     """Every process that is not a zombie: pid -> (ppid, session, name)."""
     stats = {}

@@ -21,7 +21,7 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from processes import LOOPBACK, REPO, free_port, kill_session, listening_addresses, sau
+from processes import LOOPBACK, REPO, free_port, kill_session, listening_addresses, sau, sync_runs
 
 from orchestrator.spec import expand, load_grid
 from orchestrator.storage import Storage, StorageError, cache_home
@@ -238,13 +238,9 @@ def test_sync_creates_the_runs_of_a_sweep_on_s3_once(s3, write_grid, tmp_path):
     assert sorted(df["trial_id"]) == sorted(specs) and set(df["mlflow_run_id"]) == {""}
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first = sau("sync", f"s3://{prefix}", "--tracking-uri", uri)
-    assert first.returncode == 0, first.stderr
-    assert "2 runs created, 0 rows already had one" in first.stdout
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("sync-s3")
-    runs = client.search_runs([experiment.experiment_id], f"tags.`{TRIAL_ID_TAG}` != ''")
+    runs = sync_runs(f"s3://{prefix}", uri, "sync-s3", created=2, had=0)
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in runs) == sorted(specs)
+    client = MlflowClient(uri)
     for run in runs:
         trial_id = run.data.tags[TRIAL_ID_TAG]
         assert run.info.status == "FINISHED"
@@ -253,7 +249,7 @@ def test_sync_creates_the_runs_of_a_sweep_on_s3_once(s3, write_grid, tmp_path):
         history = Path(client.download_artifacts(run.info.run_id, "history.csv", str(tmp_path))).read_bytes()
         assert history == s3.open_input_stream(f"{prefix}/history/{trial_id}.csv").read()
 
-    second = sau("sync", f"s3://{prefix}", "--tracking-uri", uri)
-    assert second.returncode == 0, second.stderr
-    assert "0 runs created, 2 rows already had one" in second.stdout
-    assert len(client.search_runs([experiment.experiment_id], "")) == len(runs) + 1  # and the parent run
+    again = sync_runs(f"s3://{prefix}", uri, "sync-s3", created=0, had=2)
+    assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in runs)
+    experiment = client.get_experiment_by_name("sync-s3")
+    assert len(client.search_runs([experiment.experiment_id], "")) == len(runs) + 1  # and the sweep's parent run

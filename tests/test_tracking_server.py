@@ -13,7 +13,7 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from processes import free_port, sau, wait_until_healthy
+from processes import free_port, sau, sync_runs, wait_until_healthy
 
 from orchestrator.results import read_results
 from orchestrator.spec import expand, load_grid
@@ -98,13 +98,8 @@ def test_sync_creates_the_runs_a_dead_server_missed_once(write_grid, tmp_path, m
     specs[stopped.trial_id] = stopped
     rows = read_results(storage)
 
-    first = sau("sync", str(storage), "--tracking-uri", mlflow_server)
-    assert first.returncode == 0, first.stderr
-    assert "5 runs created, 0 rows already had one" in first.stdout
-
+    runs = sync_runs(str(storage), mlflow_server, "synced", created=5, had=0)
     client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("synced")
-    runs = client.search_runs([experiment.experiment_id], f"tags.`{TRIAL_ID_TAG}` != ''")
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in runs) == sorted(specs)
     for run in runs:
         row = rows[rows["trial_id"] == run.data.tags[TRIAL_ID_TAG]].iloc[0]
@@ -124,11 +119,10 @@ def test_sync_creates_the_runs_a_dead_server_missed_once(write_grid, tmp_path, m
         history = Path(client.download_artifacts(run.info.run_id, "history.csv", str(tmp_path))).read_text()
         assert history == (storage / "history" / f"{row['trial_id']}.csv").read_text()
 
-    second = sau("sync", str(storage), "--tracking-uri", mlflow_server)
-    assert second.returncode == 0, second.stderr
-    assert "0 runs created, 5 rows already had one" in second.stdout
-    again = client.search_runs([experiment.experiment_id], "")
-    assert len(again) == len(runs) + 1  # the trials' runs and their sweep's parent run, nothing more
+    again = sync_runs(str(storage), mlflow_server, "synced", created=0, had=5)
+    assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in runs)
+    experiment = client.get_experiment_by_name("synced")
+    assert len(client.search_runs([experiment.experiment_id], "")) == len(runs) + 1  # and the sweep's parent run
 
 
 def test_sync_of_a_directory_that_is_no_sweep_is_a_user_error(tmp_path):
