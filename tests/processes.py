@@ -17,6 +17,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from mlflow import MlflowClient
+
+from orchestrator.tracking import TRIAL_ID_TAG
+
 REPO = Path(__file__).resolve().parents[1]
 SAU = [sys.executable, "-m", "orchestrator.cli"]  # the `sau` command on this checkout's code
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -32,10 +36,6 @@ def sau(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 def sync_runs(storage: str, uri: str, grid: str, created: int, had: int) -> list:
     """`sau sync STORAGE --tracking-uri URI`, which must say it created `created` runs and found `had` rows with
     one; returns the trials' runs in the experiment of `grid` at `uri`."""
-    from mlflow import MlflowClient
-
-    from orchestrator.tracking import TRIAL_ID_TAG
-
     result = sau("sync", storage, "--tracking-uri", uri)
     assert result.returncode == 0, result.stderr
     assert f"{created} runs created, {had} rows already had one" in result.stdout

@@ -54,12 +54,11 @@ def test_digits_split_is_fixed_and_uint8():
 def test_digits_split_partitions_rescaled_sklearn_images():
     from sklearn.datasets import load_digits
 
-    data = load_dataset("digits")
-    raw = np.round(load_digits().images * 255 / 16).astype(np.uint8)
+    data, digits = load_dataset("digits"), load_digits()
+    raw = np.round(digits.images * 255 / 16).astype(np.uint8)
     ours = torch.cat([data.x_train, data.x_test])[:, 0].numpy()
     assert sorted(img.tobytes() for img in ours) == sorted(img.tobytes() for img in raw)
     # Image by image, with its label, in the fixed split's order: the set is read from scikit-learn's file.
-    digits = load_digits()
     order = torch.randperm(len(digits.target), generator=torch.Generator().manual_seed(0)).numpy()
     assert np.array_equal(ours, raw[order]) and np.array_equal(
         torch.cat([data.y_train, data.y_test]).numpy(), digits.target[order])
