@@ -96,36 +96,39 @@ def batch_step(net: nn.Module, ref: nn.Module, optimizer: torch.optim.Optimizer,
     return terms
 
 
-class CapturedStep:
-    """`step(*args)` captured once as a CUDA graph over static copies of `args`, then replayed (CUDA only).
+def warm_up(step: Callable[..., Tensor], args: tuple[Tensor, ...], net: nn.Module,
+            optimizer: torch.optim.Optimizer) -> None:
+    """Run `step(*args)` WARMUP_STEPS times for real, as capture needs, then put back every tensor they changed:
+    the net's parameters and buffers and the optimizer's state. State that did not exist before is zeroed, which
+    is what a fresh Adam state is. So the run goes on as if the warm-up had not happened."""
+    tensors = [*net.parameters(), *net.buffers()]
+    saved = [t.detach().clone() for t in tensors]
+    had_state = {p for p in optimizer.state if optimizer.state[p]}
+    saved_state = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in had_state}
+    for _ in range(WARMUP_STEPS):
+        step(*args)
+    with torch.no_grad():
+        for tensor, value in zip(tensors, saved):
+            tensor.copy_(value)
+        for p, state in optimizer.state.items():
+            for key, value in state.items():
+                if p in had_state:
+                    value.copy_(saved_state[p][key])
+                else:
+                    value.zero_()
 
-    The warm-up steps that capture needs run for real, so every tensor they change (the net's parameters and
-    buffers, the optimizer's state) is put back afterwards; optimizer state that did not exist before them is
-    zeroed, which is what a fresh Adam state is.
-    """
+
+class CapturedStep:
+    """`step(*args)` captured once as a CUDA graph over static copies of `args`, then replayed (CUDA only)."""
 
     def __init__(self, step: Callable[..., Tensor], args: tuple[Tensor, ...], net: nn.Module,
                  optimizer: torch.optim.Optimizer):
         self.inputs = tuple(arg.clone() for arg in args)
-        tensors = [*net.parameters(), *net.buffers()]
-        saved = [t.detach().clone() for t in tensors]
-        had_state = {p for p in optimizer.state if optimizer.state[p]}
-        saved_state = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in had_state}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(WARMUP_STEPS):
-                step(*self.inputs)
+            warm_up(step, self.inputs, net, optimizer)
         torch.cuda.current_stream().wait_stream(stream)
-        with torch.no_grad():
-            for tensor, value in zip(tensors, saved):
-                tensor.copy_(value)
-            for p, state in optimizer.state.items():
-                for key, value in state.items():
-                    if p in had_state:
-                        value.copy_(saved_state[p][key])
-                    else:
-                        value.zero_()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.output = step(*self.inputs)

@@ -1,5 +1,7 @@
 """The fast path (`mode: fast`) against the reference, on the CPU in float32, where it runs its own code (the
-device-side PGD freeze, the padded last batch, the device-side loss sums) without autocast or CUDA graph.
+device-side PGD freeze, the padded last batch, the device-side loss sums) without autocast or CUDA graph. What
+the graph capture relies on is checked here too: the batch step reads nothing back to the host, and the warm-up
+steps before capture leave no trace.
 
 Tolerances: PGD's delta is compared exactly (the fast step does the reference's arithmetic op for op, so
 every sign step agrees). The losses differ from the reference's in how they average: a masked sum divided
@@ -13,10 +15,11 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from test_sau_kernel import MeanThreshold, make_batch, make_cnn, perturbed_copy
 
 from sau_kernel import SAUConfig, purify, sau_loss, shared_pgd
-from sau_kernel.fast import frozen_pgd, masked_sau_loss
+from sau_kernel.fast import WARMUP_STEPS, batch_step, frozen_pgd, masked_sau_loss, warm_up
 from sau_kernel.losses import clean_predictions, init_delta
 
 RTOL = 1e-6
@@ -128,6 +131,79 @@ def test_padded_batch_gives_the_unpadded_loss_and_gradient(seed):
                                                 torch.cat([c_g, c_g[:6]]))
     assert torch.allclose(padded_terms, terms, rtol=RTOL, atol=0)
     assert_close(loss_and_grads(f, padded_loss), expected_grads)
+
+
+class HostReads(TorchDispatchMode):
+    """Records the operators that bring a value back to the host (item, bool, a data-dependent shape): each is a
+    synchronisation on CUDA and cannot be captured in a CUDA graph."""
+    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.masked_select.default}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCING:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_the_batch_step_reads_nothing_back_to_the_host(train_bn):
+    f, g, x, y = setup(0, n=10)
+    xp, yp, valid = padded(x, y, 6)
+    cfg = SAUConfig(eps=0.3, pgd_steps=3, pgd_step_size=0.1, train_bn=train_bn)
+    # SGD: the CPU's Adam reads its step count with item(); on CUDA the fast path's Adam is `capturable`.
+    optimizer = torch.optim.SGD(f.parameters(), lr=0.01, momentum=0.9)
+    with HostReads() as reads:
+        terms = batch_step(f, g, optimizer, xp, yp, valid, init_delta(xp, cfg), cfg)
+    assert reads.seen == []
+    assert torch.isfinite(terms).all()
+    with HostReads() as reads:  # the reference's early exit is such a read, so the check can see one
+        shared_pgd(f.eval(), g, x, y, cfg)
+    assert reads.seen == ["aten._local_scalar_dense.default"] * cfg.pgd_steps
+
+
+def adam_twin(net, optimizer):
+    """A copy of net and of its Adam optimizer, state included."""
+    twin = copy.deepcopy(net)
+    twin_optimizer = torch.optim.Adam(twin.parameters(), lr=1e-2, amsgrad=True)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    return twin, twin_optimizer
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_warm_up_before_capture_leaves_no_trace(with_state):
+    # With train_bn the step also moves BN's running statistics, which the warm-up must put back too.
+    f, g, x, y = setup(2)
+    cfg = SAUConfig(eps=0.3, pgd_steps=3, pgd_step_size=0.1, train_bn=True)
+    optimizer = torch.optim.Adam(f.parameters(), lr=1e-2, amsgrad=True)
+    args = (x, y, torch.ones(len(x), dtype=torch.bool), init_delta(x, cfg))
+    calls = []
+
+    def step(*step_args):
+        calls.append(1)
+        return batch_step(f, g, optimizer, *step_args, cfg)
+
+    if with_state:  # a resumed run's optimizer has state before the warm-up
+        step(*args)
+    twin, twin_optimizer = adam_twin(f, optimizer)
+    before = copy.deepcopy(f.state_dict())
+    warm_up(step, args, f, optimizer)
+    assert len(calls) == WARMUP_STEPS + with_state
+    for name, value in f.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    # The next step from the warmed-up pair equals the next step from the untouched twin, Adam state included.
+    got = step(*args)
+    expected = batch_step(twin, g, twin_optimizer, *args, cfg)
+    assert torch.equal(got, expected)
+    for name, value in twin.state_dict().items():
+        assert torch.equal(f.state_dict()[name], value), name
+    for (_, state), (_, twin_state) in zip(sorted(optimizer.state_dict()["state"].items()),
+                                           sorted(twin_optimizer.state_dict()["state"].items())):
+        assert state.keys() == twin_state.keys()
+        assert all(torch.equal(state[k], twin_state[k]) for k in state)
 
 
 PURIFY = dict(eps=0.2, pgd_steps=3, lr=1e-2, rounds=3, batch_size=16, seed=3)
