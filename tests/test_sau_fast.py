@@ -166,9 +166,9 @@ def test_the_batch_step_reads_nothing_back_to_the_host(train_bn):
 
 
 def adam_twin(net, optimizer):
-    """A copy of net and of its Adam optimizer, state included."""
+    """A copy of net and of its Adam optimizer, settings and state included."""
     twin = copy.deepcopy(net)
-    twin_optimizer = torch.optim.Adam(twin.parameters(), lr=1e-2, amsgrad=True)
+    twin_optimizer = torch.optim.Adam(twin.parameters())
     twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     return twin, twin_optimizer
 
@@ -200,10 +200,11 @@ def test_warm_up_before_capture_leaves_no_trace(with_state):
     assert torch.equal(got, expected)
     for name, value in twin.state_dict().items():
         assert torch.equal(f.state_dict()[name], value), name
-    for (_, state), (_, twin_state) in zip(sorted(optimizer.state_dict()["state"].items()),
-                                           sorted(twin_optimizer.state_dict()["state"].items())):
-        assert state.keys() == twin_state.keys()
-        assert all(torch.equal(state[k], twin_state[k]) for k in state)
+    state, twin_state = optimizer.state_dict()["state"], twin_optimizer.state_dict()["state"]
+    assert state.keys() == twin_state.keys()
+    for index, tensors in state.items():
+        assert tensors.keys() == twin_state[index].keys()
+        assert all(torch.equal(tensors[k], twin_state[index][k]) for k in tensors), index
 
 
 PURIFY = dict(eps=0.2, pgd_steps=3, lr=1e-2, rounds=3, batch_size=16, seed=3)
