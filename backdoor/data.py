@@ -158,8 +158,6 @@ def _check_npz_sizes(path: Path) -> None:
 def _npz(path: Path) -> ImageData:
     import zipfile
 
-    import numpy as np
-
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
